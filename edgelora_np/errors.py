@@ -1,0 +1,37 @@
+"""Every error edgelora_np raises on bad input derives from EdgeLoraError.
+
+The CLI catches EdgeLoraError, prints its message as one line and exits with code 2.
+Messages name the file, tensor or value at fault, and what was expected.
+"""
+
+
+class EdgeLoraError(Exception):
+    """Base class of all user-facing errors."""
+
+
+class ModelNotFoundError(EdgeLoraError):
+    """A model path does not exist, or the default model cannot be fetched."""
+
+
+class GGUFFormatError(EdgeLoraError):
+    """A file is not a GGUF file, is truncated, or its metadata is inconsistent."""
+
+
+class UnsupportedModelError(EdgeLoraError):
+    """A GGUF file is valid but describes an architecture we do not run."""
+
+
+class UnsupportedQuantError(EdgeLoraError):
+    """A tensor is stored in a quantization type we have no kernel for."""
+
+
+class TokenizerError(EdgeLoraError):
+    """The GGUF tokenizer metadata is missing or of an unsupported kind."""
+
+
+class ContextOverflowError(EdgeLoraError):
+    """A sequence would grow past the model's (or the cache's) context length."""
+
+
+class SamplingError(EdgeLoraError):
+    """A sampling parameter is out of range."""

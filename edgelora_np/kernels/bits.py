@@ -1,0 +1,75 @@
+"""Reinterpreting bits inside Numba kernels: fp16 and bf16 stored as uint16.
+
+Numba has no float16 type on the CPU, so half-precision data (GGUF scales, the KV cache) is kept
+as raw uint16 bits and widened to float32 inside kernels. `bits_to_f32` is an LLVM bitcast, which
+Numba cannot spell itself; the widening then vectorizes like any other integer arithmetic.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+# 2**112 = 2**(127 - 15): moves an fp16 exponent (bias 15) to the float32 bias (127).
+_F16_EXP_REBIAS = np.float32(2.0**112)
+
+
+@intrinsic
+def bits_to_f32(typingctx, bits):
+    """float32 whose bit pattern is the uint32 `bits` (C: memcpy(&f, &bits, 4))."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def f16_to_f32(h):
+    """Widen fp16 bits to float32, exact for every finite value, subnormals included.
+
+    Shifting the 15 low bits left by 13 lines the fp16 exponent and mantissa up with float32's;
+    multiplying by 2**112 fixes the exponent bias (and turns fp16 subnormals into float32
+    normals). Inf/NaN are not handled: scales and cached activations are finite.
+    """
+    h32 = np.uint32(h)
+    magnitude = bits_to_f32((h32 & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_EXP_REBIAS
+    return -magnitude if h32 & np.uint32(0x8000) else magnitude
+
+
+@njit(inline="always")
+def bf16_to_f32(h):
+    """bf16 is the top half of a float32."""
+    return bits_to_f32(np.uint32(h) << np.uint32(16))
+
+
+def scale_f32(x):
+    """A block scale stored either as float32 or as fp16 bits (uint16), as float32."""
+    return np.float32(f16_bits_to_f32_numpy(x)) if isinstance(x, np.uint16) else np.float32(x)
+
+
+def f16_bits_to_f32_numpy(h):
+    return np.asarray(h, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _scale_from_f16(x):
+    return f16_to_f32(x)
+
+
+def _scale_from_float(x):
+    return np.float32(x)
+
+
+@overload(scale_f32, inline="always")
+def _scale_f32_overload(x):
+    if x == types.uint16:
+        return _scale_from_f16
+    if isinstance(x, types.Float):
+        return _scale_from_float
+    return None
+
+
+def f16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> fp16 bits as uint16, rounding to nearest even (NumPy does the rounding)."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)

@@ -1,0 +1,93 @@
+"""Row-wise operations of the Llama block: RMSNorm, RoPE, SwiGLU. A NumPy reference and a
+Numba kernel for each, written to round like ggml (sums of squares in float64, float32 else).
+"""
+
+import numpy as np
+from numba import njit
+
+# --- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w   (ggml_rms_norm followed by ggml_mul) ---------
+
+def rmsnorm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    sq = (x * x).astype(np.float64).sum(-1, keepdims=True)               # [B, 1] float64
+    mean = (sq / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))             # [B, 1] float32
+    return (x * scale) * w
+
+
+@njit(cache=True)
+def rmsnorm(x, w, eps, out):
+    B, D = x.shape
+    for b in range(B):
+        sq = 0.0                                                          # float64, as ggml
+        for i in range(D):
+            v = x[b, i]
+            sq += np.float64(v * v)
+        mean = np.float32(sq / D)
+        scale = np.float32(1.0) / np.float32(np.sqrt(mean + np.float32(eps)))
+        for i in range(D):
+            out[b, i] = (x[b, i] * scale) * w[i]
+
+
+# --- RoPE, "normal" mode: rotate adjacent pairs (x[2i], x[2i+1]) by pos * theta_i -------------
+# The GGUF converter permuted llama's q/k rows so that HF's rotate-half layout becomes adjacent
+# pairs (llama.cpp's LLM_ARCH_LLAMA uses rope mode 0). theta_i = base^(-2i/rope_dim), computed as
+# ggml_rope_cache_init does: start from pos and multiply by base^(-2/rope_dim) once per pair,
+# in float32, so that our angles round like ggml's.
+
+def rope_tables(n_pos: int, rope_dim: int, base: float, freq_scale: float,
+                freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables [n_pos, rope_dim/2] float32."""
+    theta_scale = np.float32(base) ** np.float32(-2.0 / rope_dim)
+    theta = np.arange(n_pos, dtype=np.float32)                           # [P]
+    cols = []
+    for i in range(rope_dim // 2):
+        t = theta if freq_factors is None else theta / np.float32(freq_factors[i])
+        cols.append(np.float32(freq_scale) * t)
+        theta = theta * theta_scale
+    angles = np.stack(cols, axis=1)                                      # [P, rope_dim/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_ref(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [B, heads, HD] -> rotated copy."""
+    y = x.copy()
+    n = cos.shape[1]
+    c = cos[positions][:, None, :]                                       # [B, 1, n]
+    s = sin[positions][:, None, :]
+    x0, x1 = x[..., 0:2 * n:2], x[..., 1:2 * n:2]                          # [B, heads, n]
+    y[..., 0:2 * n:2] = x0 * c - x1 * s
+    y[..., 1:2 * n:2] = x0 * s + x1 * c
+    return y
+
+
+@njit(cache=True)
+def rope(x, positions, cos, sin):
+    """In place: x [B, heads, HD] float32."""
+    B, n_heads, _ = x.shape
+    n = cos.shape[1]
+    for b in range(B):
+        p = positions[b]
+        for h in range(n_heads):
+            for i in range(n):
+                c = cos[p, i]
+                s = sin[p, i]
+                x0 = x[b, h, 2 * i]
+                x1 = x[b, h, 2 * i + 1]
+                x[b, h, 2 * i] = x0 * c - x1 * s
+                x[b, h, 2 * i + 1] = x0 * s + x1 * c
+
+
+# --- SwiGLU: silu(gate) * up ------------------------------------------------------------------
+
+def swiglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+@njit(cache=True, fastmath={"contract", "arcp", "afn"})
+def swiglu(gate_up, n_ffn, out):
+    """gate_up [B, 2F] (gate | up) -> out [B, F]."""
+    B = gate_up.shape[0]
+    for b in range(B):
+        for i in range(n_ffn):
+            g = gate_up[b, i]
+            out[b, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[b, n_ffn + i]

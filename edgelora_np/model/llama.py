@@ -1,0 +1,103 @@
+"""The Llama forward pass over a flat batch of tokens (see docs/forward.md for a walk-through).
+
+    x = embed(tokens)                                    [B, D]
+    for each block:
+        h = rmsnorm(x) ; q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T    [B, H*HD], [B, KVH*HD] x2
+        q, k = rope(q, pos), rope(k, pos) ; cache k, v
+        x = x + attention(q, cache) @ Wo.T                [B, D]
+        h = rmsnorm(x) ; x = x + (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
+    logits = rmsnorm(x[rows]) @ Wout.T                   [R, V]
+
+Every linear projection goes through `Llama.project`, the single place where LoRA adapters
+will add their per-token low-rank corrections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgelora_np.errors import EdgeLoraError
+from edgelora_np.kernels.attention import attention
+from edgelora_np.kernels.bits import f16_bits
+from edgelora_np.kernels.elementwise import rmsnorm, rope, rope_tables, swiglu
+from edgelora_np.kernels.pack import PackedMatrix, matmul, packed_rows
+from edgelora_np.model.batch import Batch
+from edgelora_np.model.config import LlamaConfig
+from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
+from edgelora_np.model.weights import ModelWeights
+
+
+class Llama:
+    def __init__(self, cfg: LlamaConfig, weights: ModelWeights):
+        self.cfg = cfg
+        self.weights = weights
+        self._cos, self._sin = rope_tables(cfg.context_length, cfg.rope_dim, cfg.rope_base,
+                                           cfg.rope_freq_scale, weights.rope_freq_factors)
+        self._attn_scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+
+    def new_cache(self, n_tokens: int | None = None, max_seq_len: int | None = None):
+        return PagedKVCache(self.cfg, n_tokens or self.cfg.context_length, max_seq_len)
+
+    def project(self, x: np.ndarray, mats: tuple[PackedMatrix, ...]) -> np.ndarray:
+        """x [B, K] -> [B, sum of N]: one or more matrices sharing the input."""
+        if len(mats) == 1:
+            return matmul(mats[0], x)
+        return np.concatenate([matmul(m, x) for m in mats], axis=1)
+
+    def forward(self, batch: Batch, cache: PagedKVCache) -> np.ndarray:
+        """Run one batch, appending its keys/values to `cache`; logits [R, V] float32."""
+        cfg, w = self.cfg, self.weights
+        B, D, H, KVH, HD, F = len(batch), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, \
+            cfg.ffn_dim
+        tokens, positions = batch.tokens, batch.positions
+        self._check(batch)
+
+        # Cache slots for the new tokens, and each token's row of the block table.
+        seqs, token_rows = np.unique(batch.seq_ids, return_inverse=True)
+        for s in seqs.tolist():
+            cache.reserve(s, int(positions[batch.seq_ids == s].max()) + 1)
+        table = cache.block_table(seqs)                                  # [S, pages]
+        token_rows = token_rows.astype(np.int32)
+        slot_page = table[token_rows, positions // PAGE_SIZE]            # [B]
+        slot_off = positions % PAGE_SIZE                                 # [B]
+
+        x = packed_rows(w.token_embd, tokens)                            # [B, D]
+        h = np.empty((B, D), np.float32)
+        attn = np.empty((B, H, HD), np.float32)
+        act = np.empty((B, F), np.float32)
+        for li, layer in enumerate(w.layers):
+            rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
+            qkv = self.project(h, layer.qkv)                             # [B, D + 2*KVH*HD]
+            q = qkv[:, :D].reshape(B, H, HD)
+            k = qkv[:, D:D + KVH * HD].reshape(B, KVH, HD)
+            v = qkv[:, D + KVH * HD:].reshape(B, KVH, HD)
+            q = np.ascontiguousarray(q)
+            k = np.ascontiguousarray(k)
+            rope(q, positions, self._cos, self._sin)
+            rope(k, positions, self._cos, self._sin)
+            cache.k[li][slot_page, :, slot_off, :] = f16_bits(k)         # [B, KVH, HD]
+            cache.v[li][slot_page, :, slot_off, :] = f16_bits(v)
+            attention(q, cache.k[li], cache.v[li], table, token_rows, positions,
+                      self._attn_scale, attn)
+            x += self.project(attn.reshape(B, D), (layer.wo,))
+            rmsnorm(x, layer.ffn_norm, cfg.rms_eps, h)
+            gate_up = self.project(h, layer.gate_up)                     # [B, 2F]
+            swiglu(gate_up, F, act)
+            x += self.project(act, (layer.down,))
+
+        rows = np.ascontiguousarray(x[batch.logit_rows])                 # [R, D]
+        out = np.empty_like(rows)
+        rmsnorm(rows, w.output_norm, cfg.rms_eps, out)
+        return matmul(w.output, out)                                     # [R, V]
+
+    def _check(self, batch: Batch) -> None:
+        tokens = batch.tokens
+        if len(tokens) == 0:
+            raise EdgeLoraError("empty batch")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
+            bad = int(tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0])
+            raise EdgeLoraError(f"token id {bad} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if batch.positions.max() >= self.cfg.context_length:
+            raise EdgeLoraError(
+                f"position {int(batch.positions.max())} is past the model's context length "
+                f"{self.cfg.context_length}")
