@@ -7,6 +7,7 @@ Numba cannot spell itself; the widening then vectorizes like any other integer a
 
 import numpy as np
 from llvmlite import ir
+from numba import config as numba_config
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
@@ -15,14 +16,22 @@ _F16_EXP_REBIAS = np.float32(2.0**112)
 
 
 @intrinsic
-def bits_to_f32(typingctx, bits):
-    """float32 whose bit pattern is the uint32 `bits` (C: memcpy(&f, &bits, 4))."""
+def _bitcast_u32_f32(typingctx, bits):
     sig = types.float32(types.uint32)
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
+
+
+def _bitcast_python(bits):
+    return np.array(bits, dtype=np.uint32).view(np.float32)[()]
+
+
+# float32 whose bit pattern is the uint32 `bits` (C: memcpy(&f, &bits, 4)). With
+# NUMBA_DISABLE_JIT=1 the kernels run as plain Python and need a plain-Python bitcast.
+bits_to_f32 = _bitcast_python if numba_config.DISABLE_JIT else _bitcast_u32_f32
 
 
 @njit(inline="always")

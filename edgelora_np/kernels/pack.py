@@ -271,6 +271,16 @@ _NO_OFFSETS = np.zeros((1, 0, 1), np.float32)
 # ---------------------------------------------------------------------------------------------
 # NumPy references.
 
+def _unpacked(w: PackedMatrix):
+    """Codes q [N, K/bs, bs] (int), scales d and offsets m [N, K/bs] float32 of a q4/q8 W."""
+    d = _widen_scales(untile_rows(w.d, w.n_rows))
+    m = _widen_scales(untile_rows(w.m, w.n_rows)) if w.m is not None else np.zeros_like(d)
+    codes = untile_rows(w.qs, w.n_rows)
+    if w.kind == "q4":                                                  # [N, K/32, 16] bytes
+        codes = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)      # [N, K/32, 32]
+    return codes.astype(np.int64), d, m
+
+
 def dequantize_packed(w: PackedMatrix) -> np.ndarray:
     """The packed matrix as dense float32 [N, K] (for tests and references only)."""
     if w.kind == "f32":
@@ -280,13 +290,7 @@ def dequantize_packed(w: PackedMatrix) -> np.ndarray:
         if w.kind == "f16":
             return bits.view(np.float16).astype(np.float32)
         return (bits.astype(np.uint32) << 16).view(np.float32)
-    d = _widen_scales(untile_rows(w.d, w.n_rows))                       # [N, K/bs]
-    m = _widen_scales(untile_rows(w.m, w.n_rows)) if w.m is not None else np.zeros_like(d)
-    codes = untile_rows(w.qs, w.n_rows)
-    if w.kind == "q4":                                                  # [N, K/32, 16]
-        q = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)          # [N, K/32, 32]
-    else:
-        q = codes                                                       # [N, K/bs, bs]
+    q, d, m = _unpacked(w)
     return (d[..., None] * q.astype(np.float32) + m[..., None]).reshape(w.n_rows, w.n_cols)
 
 
@@ -297,15 +301,21 @@ def _widen_scales(s: np.ndarray) -> np.ndarray:
 
 
 def matmul_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
-    """Reference for `matmul`: the activations as the kernel sees them, times dense W, in f64."""
+    """Reference for `matmul`, in float64, written as ggml's vec_dot formula per block:
+    y[b, n] = sum over blocks k of  d[n,k] * xd[b,k] * sum_j(q[n,k,j] * xq[b,k,j]) + m[n,k] * xs[b,k]
+    """
     x = np.asarray(x, dtype=np.float32)
-    if w.kind in ("q4", "q8"):
-        xq, xd, _ = quantize_activations_ref(x, w.act, w.block)
-        B, K = x.shape
-        x = (xq.reshape(B, -1, w.block) * xd[..., None]).reshape(B, K)
-    else:
-        x = _round_activations(x, w.act)
-    return (x.astype(np.float64) @ dequantize_packed(w).T.astype(np.float64)).astype(np.float32)
+    if w.kind not in ("q4", "q8"):
+        dense = dequantize_packed(w).astype(np.float64)
+        return (_round_activations(x, w.act).astype(np.float64) @ dense.T).astype(np.float32)
+    B = x.shape[0]
+    xq, xd, xs = quantize_activations_ref(x, w.act, w.block)
+    q, d, m = _unpacked(w)                                               # [N, nb, bs], [N, nb]
+    xq = xq.reshape(B, q.shape[1], q.shape[2]).astype(np.int64)          # [B, nb, bs]
+    isum = np.einsum("bkj,nkj->bnk", xq, q)                              # [B, N, nb] exact
+    y = (d[None].astype(np.float64) * xd[:, None, :] * isum
+         + m[None].astype(np.float64) * xs[:, None, :])
+    return y.sum(-1).astype(np.float32)
 
 
 def packed_rows(w: PackedMatrix, rows: np.ndarray) -> np.ndarray:
