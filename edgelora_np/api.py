@@ -30,7 +30,7 @@ from edgelora_np.sampling import Sampler, SamplingParams, StopMatcher
 from edgelora_np.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CONTEXT = 2048     # KV positions per sequence unless asked otherwise
-PREFILL_CHUNK = 256        # prompt tokens per forward call: bounds activation memory
+PREFILL_CHUNK = 128        # prompt tokens per forward call: bounds activation memory
 
 
 def load_model(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
@@ -67,6 +67,9 @@ class Model:
     def __init__(self, path: Path, *, n_threads: int | None = None, n_ctx: int | None = None):
         self.path = Path(path)
         self.n_threads = n_threads or numba.config.NUMBA_NUM_THREADS
+        if not 1 <= self.n_threads <= numba.config.NUMBA_NUM_THREADS:
+            raise EdgeLoraError(f"n_threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
+                                f"(NUMBA_NUM_THREADS), got {self.n_threads}")
         numba.set_num_threads(self.n_threads)
         gf = open_gguf(self.path)
         self.config: LlamaConfig = config_from_gguf(gf)
@@ -175,6 +178,10 @@ class Model:
             n += 1
         gen.decode_seconds = time.perf_counter() - t0
         if not stops.stopped:
-            tail = stops.push(decoder.flush())[0] + stops.flush()
+            tail, hit = stops.push(decoder.flush())
+            if not hit:
+                tail += stops.flush()
+            if stops.stopped:
+                gen.finish_reason = "stop"
             if tail:
                 yield tail

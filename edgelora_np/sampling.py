@@ -331,19 +331,29 @@ class StopMatcher:
         if not isinstance(piece, str):
             raise SamplingError(f"StopMatcher.push() takes a str, got {type(piece).__name__}")
         text = self._held + piece
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
+        first = self._first_stop(text)
+        # Where a stop string might still begin: the longest tail that is a proper prefix of one.
+        pending = len(text) - self._longest_partial_stop(text)
+        if first is not None and first <= pending:
             self.stopped = True
             self._held = ""
-            return text[: min(hits)], True
-        cut = len(text) - self._longest_partial_stop(text)
-        self._held = text[cut:]
-        return text[:cut], False
+            return text[:first], True
+        # No stop yet, or a complete one whose start an earlier, still-growing one may precede.
+        self._held = text[pending:]
+        return text[:pending], False
 
     def flush(self) -> str:
-        """The text still held back (empty after a stop: what followed it is discarded)."""
+        """The text still held back, cut at a stop string it contains (empty after a stop)."""
         rest, self._held = self._held, ""
+        first = self._first_stop(rest)
+        if first is not None:
+            self.stopped = True
+            return rest[:first]
         return rest
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None
 
     def _longest_partial_stop(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -111,14 +112,17 @@ class Tokenizer:
     """Encode and decode text for one model; build it with `Tokenizer.from_gguf_fields`."""
 
     def __init__(self, *, model: str, tokens: list[str], token_types: list[TokenType],
-                 hf_special: HFTokenizer, hf_plain: HFTokenizer, add_bos: bool,
+                 hf: HFTokenizer, add_bos: bool,
                  add_space_prefix: bool, bos_id: int | None, eos_id: int | None,
                  eot_id: int | None, chat_template: str | None):
         self.model = model  # "gpt2" or "llama"
         self.add_bos = add_bos  # what encode() does when add_bos is None
         self._tokens = tokens
-        self._hf_special = hf_special  # cuts the text at CONTROL and USER_DEFINED tokens
-        self._hf_plain = hf_plain  # cuts only at USER_DEFINED tokens
+        # One HF tokenizer serves both modes: with encode_special_tokens it cuts the text only at
+        # USER_DEFINED tokens (CONTROL texts stay plain text), without it at both. The flag is
+        # the tokenizer's state, so encoding holds a lock (a second tokenizer would cost ~15 MB).
+        self._hf = hf
+        self._hf_lock = threading.Lock()
         self._add_space_prefix = add_space_prefix
         self._bos_id, self._eos_id, self._eot_id = bos_id, eos_id, eot_id
         self._chat_template = chat_template
@@ -152,11 +156,9 @@ class Tokenizer:
             raise TokenizerError(f"unsupported tokenizer.ggml.model {model!r}; "
                                  f"supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)")
 
-        hf_special, hf_plain = build(), build()
-        for hf in (hf_special, hf_plain):
-            hf.add_special_tokens(special)
-            hf.add_tokens(user)
-        hf_plain.encode_special_tokens = True  # CONTROL texts stay plain text
+        hf = build()
+        hf.add_special_tokens(special)
+        hf.add_tokens(user)
 
         bos_id = _token_id(fields, "tokenizer.ggml.bos_token_id", len(tokens), defaults.bos_id)
         add_bos = _optional(fields, "tokenizer.ggml.add_bos_token", bool, defaults.add_bos)
@@ -164,8 +166,8 @@ class Tokenizer:
             raise TokenizerError("tokenizer.ggml.add_bos_token is true, "
                                  "but tokenizer.ggml.bos_token_id is not set")
         return cls(
-            model=model, tokens=tokens, token_types=token_types, hf_special=hf_special,
-            hf_plain=hf_plain, add_bos=add_bos, add_space_prefix=defaults.add_space_prefix,
+            model=model, tokens=tokens, token_types=token_types, hf=hf, add_bos=add_bos,
+            add_space_prefix=defaults.add_space_prefix,
             bos_id=bos_id,
             eos_id=_token_id(fields, "tokenizer.ggml.eos_token_id", len(tokens), defaults.eos_id),
             eot_id=_token_id(fields, "tokenizer.ggml.eot_token_id", len(tokens), None),
@@ -209,8 +211,9 @@ class Tokenizer:
         """Token ids of `text`. `special=True` parses control-token texts like "<|im_start|>"."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
-        hf = self._hf_special if special else self._hf_plain
-        ids = hf.encode(text, add_special_tokens=False).ids
+        with self._hf_lock:
+            self._hf.encode_special_tokens = not special
+            ids = self._hf.encode(text, add_special_tokens=False).ids
         if self.add_bos if add_bos is None else add_bos:
             if self._bos_id is None:
                 raise TokenizerError("add_bos requested, but the model has no bos token")

@@ -1,10 +1,11 @@
 """Tokenizer tests: invariants on the real SmolLM2 vocab, exact behaviour on tiny synthetic vocabs.
 
-Exactness against llama.cpp itself is checked by test_matches_llama_cpp when llama-cpp-python
-(the `oracle` extra) is installed.
+Exactness against llama.cpp: test_matches_llama_cpp_golden_ids compares with the token ids
+llama.cpp produced (tests/data/golden_tokens.json, recorded by tools/make_golden.py).
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import gguf
@@ -404,48 +405,16 @@ def test_encode_needs_a_string(smollm):
         smollm.encode(b"bytes")
 
 
-# --- exactness against llama.cpp, when llama-cpp-python is installed ---
+# --- exactness against llama.cpp: golden ids recorded by tools/make_golden.py ---
 
-ORACLE_TEXTS = TEXTS + [
-    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n",
-    "<|im_start", "x<|im_end|>y", "\x01\x1c\x7f", "a\r\n\r\nb \n c", "'s 'S 'll 'LL",
-    "CamelCase XMLHttpRequest iPhone McDonald's ÉCOLE École", "x  \n  y\n\n\nz \t\n",
-    "wait...\n\nok?!\n/path/to/file\n", "(a+b)*[c-d]/e{f}", "¡Hola! ¿Qué tal? «ça»",
-]
+GOLDEN_TOKENS = json.loads((Path(__file__).parent / "data" / "golden_tokens.json").read_text())
 
 
-def test_matches_llama_cpp(smollm):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    oracle = llama_cpp.Llama(str(_model_path()), vocab_only=True, verbose=False)
-    for text in ORACLE_TEXTS:
-        for special in (False, True):
-            expected = oracle.tokenize(text.encode(), add_bos=False, special=special)
-            assert smollm.encode(text, add_bos=False, special=special) == expected, text
-
-
-@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "tekken", "default"])
-def test_other_pre_tokenizers_match_llama_cpp(pre, smollm_reader, smollm_fields, tmp_path):
-    """SmolLM2's vocab re-labelled with another tokenizer.ggml.pre, tokenized by both."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path = tmp_path / f"{pre}.gguf"
-    write_metadata_only_gguf(smollm_reader, path, {"tokenizer.ggml.pre": pre})
+@pytest.mark.parametrize("pre", sorted(GOLDEN_TOKENS["pre"]))
+def test_matches_llama_cpp_golden_ids(pre, smollm_fields):
+    """SmolLM2's vocab (re-labelled with each pre-tokenizer type) tokenized like llama.cpp."""
     ours = Tokenizer.from_gguf_fields({**smollm_fields, "tokenizer.ggml.pre": pre})
-    oracle = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    for text in ORACLE_TEXTS:
-        for special in (False, True):
-            expected = oracle.tokenize(text.encode(), add_bos=False, special=special)
-            assert ours.encode(text, add_bos=False, special=special) == expected, text
-
-
-def write_metadata_only_gguf(reader: gguf.GGUFReader, target: Path, changes: dict) -> None:
-    """Copy `reader`'s metadata, with `changes`, to a GGUF file without tensors."""
-    writer = gguf.GGUFWriter(target, reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue  # written by GGUFWriter itself
-        value = changes[key] if key in changes else field.contents()
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    expected = GOLDEN_TOKENS["pre"][pre]
+    for kind, special in (("plain", False), ("special", True)):
+        for text, ids in zip(GOLDEN_TOKENS["texts"], expected[kind]):
+            assert ours.encode(text, add_bos=False, special=special) == ids, (kind, text)

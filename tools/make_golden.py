@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 GOLDEN_TOP_K = 64
-GOLDEN_SAMPLE = 2048
+GOLDEN_SAMPLE = 1024
 SAMPLE_SEED = 20260101
 
 LONG_PROMPT = (
@@ -48,6 +48,67 @@ PROMPTS = {
              "Name three primary colours.<|im_end|>\n<|im_start|>assistant\n"),
     "long": LONG_PROMPT,
 }
+
+
+# Texts for tokenizer exactness: llama.cpp's token ids for each, with and without parsing
+# special tokens, under SmolLM2's own pre-tokenizer and re-labelled with other pre types.
+TOKENIZER_TEXTS = [
+    "", " ", "  ", "\n", "\n\n", " \n", "\t", "Hello world", "Hello  world", " Hello",
+    "It's a dog's life; I'm sure we'll've done it. DON'T SHOUT. I'LL GO, he'S",
+    "The quick brown fox jumps over the lazy dog.\nThe end.\r\nWindows line.\r\n",
+    "def f(x):\n    return x**2  # square\n\n\nclass A:\n\tpass\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }",
+    "12345 1,234,567.89 3.14159 2024-11-24 0x1F 1e-10 -42 +7 007",
+    "Numbers: \u0661\u0662\u0663 \uff10\uff11 \u00b2\u00b3 \u00bd",
+    "h\u00e9llo w\u00f6rld \u00e7a va? na\u00efve caf\u00e9",
+    "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u0420\u0443\u0441\u0441\u043a\u0438\u0439",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3001\u4e2d\u6587\u3002\ud55c\uad6d\uc5b4",
+    "emoji \U0001f389\U0001f389 \U0001f44d\U0001f3fd \u2764\ufe0f \u2728",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|><|im_end|><|endoftext|>", "<|im_start", "x<|im_end|>y", "<|im_start|> x",
+    "nbsp\u00a0here ideographic\u3000space", "zero\u200bwidth", "\x01\x1c\x7f",
+    "  leading and trailing   ", "a\tb\t\tc \t d", "!!!???...,,,;;;", "a---b___c===d",
+    "$100 + 50% = <html> ^_^ ~~ ||", "email@example.com https://example.com/path?q=1&r=2#frag",
+    "CamelCase XMLHttpRequest iPhone McDonald's \u00c9COLE \u00c9cole", "x  \n  y\n\n\nz \t\n",
+    "'s 'S 'll 'LL 've 're 'd 'm 't", "(a+b)*[c-d]/e{f}", "\u00a1Hola! \u00bfQu\u00e9 tal?",
+    *PROMPTS.values(),
+]
+TOKENIZER_PRE_TYPES = ["smollm", "gpt-2", "llama-bpe", "qwen2", "tekken", "default"]
+
+
+def record_tokenizer(model_path: Path, workdir: Path) -> dict:
+    """{pre: {"plain": [[ids]...], "special": [[ids]...]}} from llama.cpp's tokenizer."""
+    import gguf
+    import llama_cpp
+
+    reader = gguf.GGUFReader(model_path)
+    out = {"texts": TOKENIZER_TEXTS, "pre": {}}
+    for pre in TOKENIZER_PRE_TYPES:
+        path = workdir / f"vocab-{pre}.gguf"
+        _write_metadata_only(reader, path, {"tokenizer.ggml.pre": pre})
+        oracle = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        out["pre"][pre] = {
+            kind: [oracle.tokenize(t.encode("utf-8"), add_bos=False, special=special)
+                   for t in TOKENIZER_TEXTS]
+            for kind, special in (("plain", False), ("special", True))}
+        del oracle
+    return out
+
+
+def _write_metadata_only(reader, target: Path, changes: dict) -> None:
+    """Copy a GGUF file's metadata, with `changes`, to a file without tensors."""
+    import gguf
+
+    writer = gguf.GGUFWriter(target, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue                                   # GGUFWriter writes these itself
+        value = changes[key] if key in changes else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
 
 
 def sample_ids(vocab: int) -> np.ndarray:
@@ -114,9 +175,15 @@ def main() -> None:
         args.model = resolve_model_path()
     arrays = record(args.model, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"golden_{args.model.stem}.npz"
+    target = args.out / "golden_logits.npz"
     np.savez_compressed(target, **arrays)
     print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = record_tokenizer(args.model, Path(tmp))
+    target = args.out / "golden_tokens.json"
+    target.write_text(json.dumps(tokens, ensure_ascii=False))
+    print(f"wrote {target}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -72,14 +72,17 @@ def choose_tile(n_rows: int, n_threads: int) -> int:
 
 
 def tile_rows(a: np.ndarray, tile: int) -> np.ndarray:
-    """[N, ...] -> [G, ..., T]: rows grouped in tiles of T, the row axis moved innermost."""
+    """[N, ...] -> [G, ..., T]: rows grouped in tiles of T, the row axis moved innermost.
+
+    Filled one tile at a time, so the only scratch is the result (rows past N are zeros).
+    """
     n = a.shape[0]
     groups = -(-n // tile)
-    if groups * tile != n:
-        pad = np.zeros((groups * tile - n, *a.shape[1:]), a.dtype)
-        a = np.concatenate([a, pad])
-    a = a.reshape(groups, tile, *a.shape[1:])
-    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+    out = np.zeros((groups, *a.shape[1:], tile), a.dtype)
+    for g in range(groups):
+        rows = a[g * tile:(g + 1) * tile]                                # [T, ...]
+        out[g, ..., :len(rows)] = np.moveaxis(rows, 0, -1)
+    return out
 
 
 def untile_rows(a: np.ndarray, n_rows: int) -> np.ndarray:
@@ -206,7 +209,7 @@ def pack_gguf(raw: np.ndarray, qtype: QT, n_rows: int, n_cols: int, n_threads: i
             codes = vals[:, :, 0] | (vals[:, :, 1] << 4)
         qs = tile_rows(np.ascontiguousarray(codes, dtype=np.uint8), tile)
     else:
-        qs = tile_rows(q.reshape(n_rows, nsub, sub).astype(np.int8), tile)
+        qs = tile_rows(q.reshape(n_rows, nsub, sub).view(np.int8), tile)
     d_t = tile_rows(d, tile)
     m_t = tile_rows(m, tile) if m is not None else None
     return PackedMatrix(kind, n_rows, n_cols, act, qs, d_t, m_t)

@@ -3,10 +3,14 @@
 Keys and values of every layer live in one pool of pages of PAGE_SIZE positions, stored as fp16
 bits (uint16, the type llama.cpp caches in by default): k, v [L, P, KVH, PS, HD]. A sequence
 owns a list of pages, so memory follows the tokens actually cached, not max_seqs x context.
-The pool is allocated with np.zeros, which the OS backs lazily: pages never written cost no RAM.
+The pool is an anonymous memory map, which the OS backs lazily: pages never written cost no RAM.
+Transparent huge pages are turned off for it, or the first token written to each layer would
+make 2 MB resident instead of 4 KB.
 """
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -22,8 +26,8 @@ class PagedKVCache:
         self.max_seq_len = min(max_seq_len or n_tokens, cfg.context_length, n_tokens)
         n_pages = -(-n_tokens // PAGE_SIZE)
         shape = (cfg.n_layers, n_pages, cfg.n_kv_heads, PAGE_SIZE, cfg.head_dim)
-        self.k = np.zeros(shape, np.uint16)
-        self.v = np.zeros(shape, np.uint16)
+        self.k = _lazy_zeros(shape, np.uint16)
+        self.v = _lazy_zeros(shape, np.uint16)
         self._free = list(range(n_pages - 1, -1, -1))      # a stack: low page ids first
         self._pages: dict[int, list[int]] = {}             # seq id -> its pages, in order
         self._lengths: dict[int, int] = {}                 # seq id -> positions cached
@@ -71,3 +75,12 @@ class PagedKVCache:
             pages = self._pages[s]
             table[row, :len(pages)] = pages
         return table
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zero-filled array whose memory the OS provides 4 KB page by page, on first write."""
+    nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, dtype, count=int(np.prod(shape))).reshape(shape)

@@ -31,8 +31,7 @@ class Llama:
     def __init__(self, cfg: LlamaConfig, weights: ModelWeights):
         self.cfg = cfg
         self.weights = weights
-        self._cos, self._sin = rope_tables(cfg.context_length, cfg.rope_dim, cfg.rope_base,
-                                           cfg.rope_freq_scale, weights.rope_freq_factors)
+        self._cos = self._sin = np.empty((0, cfg.rope_dim // 2), np.float32)
         self._attn_scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
 
     def new_cache(self, n_tokens: int | None = None, max_seq_len: int | None = None):
@@ -61,6 +60,8 @@ class Llama:
         slot_page = table[token_rows, positions // PAGE_SIZE]            # [B]
         slot_off = positions % PAGE_SIZE                                 # [B]
 
+        if positions.max() >= len(self._cos):
+            self._grow_rope_tables(int(positions.max()) + 1)
         x = packed_rows(w.token_embd, tokens)                            # [B, D]
         h = np.empty((B, D), np.float32)
         attn = np.empty((B, H, HD), np.float32)
@@ -89,6 +90,12 @@ class Llama:
         out = np.empty_like(rows)
         rmsnorm(rows, w.output_norm, cfg.rms_eps, out)
         return matmul(w.output, out)                                     # [R, V]
+
+    def _grow_rope_tables(self, n_pos: int) -> None:
+        """cos/sin for positions 0..n-1, grown by doubling up to the model's context."""
+        n = min(max(n_pos, 2 * len(self._cos), 256), self.cfg.context_length)
+        self._cos, self._sin = rope_tables(n, self.cfg.rope_dim, self.cfg.rope_base,
+                                           self.cfg.rope_freq_scale, self.weights.rope_freq_factors)
 
     def _check(self, batch: Batch) -> None:
         tokens = batch.tokens

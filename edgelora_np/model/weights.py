@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgelora_np.errors import GGUFFormatError
+from edgelora_np.gguf.quants import dequantize
 from edgelora_np.gguf.reader import GGUFFile, TensorInfo
 from edgelora_np.kernels.pack import PackedMatrix, concat_rows, pack_gguf
 from edgelora_np.model.config import LlamaConfig
@@ -55,16 +56,23 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
 
     def vector(name: str, n: int) -> np.ndarray:
         t = _expect(gf, name, (n,))
-        return np.array(t.data, dtype=np.float32).reshape(n)
+        v = dequantize(t.data, t.qtype, (n,), name=name)
+        gf.release(t)
+        return v
 
     def matrix(name: str, rows: int, cols: int) -> PackedMatrix:
         t = _expect(gf, name, (rows, cols))
-        return pack_gguf(t.data, t.qtype, rows, cols, n_threads, name)
+        packed = pack_gguf(t.data, t.qtype, rows, cols, n_threads, name)
+        gf.release(t)
+        return packed
 
     def fused(parts: list[PackedMatrix]) -> tuple[PackedMatrix, ...]:
         joined = concat_rows(parts, n_threads)
         return (joined,) if joined is not None else tuple(parts)
 
+    # The embedding first: its repacking needs the most scratch, best taken while little else
+    # is resident.
+    token_embd = matrix("token_embd.weight", V, D)
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
@@ -77,7 +85,6 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
             gate_up=fused([matrix(p + "ffn_gate.weight", F, D), matrix(p + "ffn_up.weight", F, D)]),
             down=matrix(p + "ffn_down.weight", D, F),
         ))
-    token_embd = matrix("token_embd.weight", V, D)
     output = matrix("output.weight", V, D) if "output.weight" in gf.tensors else token_embd
     freq = vector("rope_freqs.weight", cfg.rope_dim // 2) if "rope_freqs.weight" in gf.tensors \
         else None

