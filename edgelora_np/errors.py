@@ -35,3 +35,11 @@ class ContextOverflowError(EdgeLoraError):
 
 class SamplingError(EdgeLoraError):
     """A sampling parameter is out of range."""
+
+
+class AdapterError(EdgeLoraError):
+    """A LoRA adapter is malformed, unsupported, or does not fit the base model."""
+
+
+class CapacityError(EdgeLoraError):
+    """A bounded resource (adapter slots, KV pages, the adapter pool) is exhausted."""

@@ -70,7 +70,7 @@ def _scale_from_float(x):
     return np.float32(x)
 
 
-@overload(scale_f32, inline="always")
+@overload(scale_f32)
 def _scale_f32_overload(x):
     if x == types.uint16:
         return _scale_from_f16
