@@ -13,14 +13,14 @@ _os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
 
 from edgelora_np.errors import EdgeLoraError  # noqa: E402
 
-__all__ = ["EdgeLoraError", "Generation", "Model", "load_model"]
+__all__ = ["EdgeLoraError", "Engine", "Generation", "Model", "load_model"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     """The API (and with it NumPy and Numba) is imported on first use, so `edgelora --help`
     and the error classes stay cheap to import."""
-    if name in ("Generation", "Model", "load_model"):
+    if name in ("Engine", "Generation", "Model", "load_model"):
         from edgelora_np import api
 
         return getattr(api, name)

@@ -6,28 +6,30 @@
     logits = model.logits(ids)                    # float32 [len(ids), V], fresh cache
     for piece in model.generate("The capital of France is", max_tokens=16, temperature=0):
         print(piece, end="")
+
+    engine = el.Engine(model, max_batch_tokens=256, max_seqs=16)   # many requests at once
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
 import numpy as np
 
+from edgelora_np.adapters.bank import LoraBatch
 from edgelora_np.default_model import resolve_model_path
+from edgelora_np.engine.engine import Engine, Generation
 from edgelora_np.errors import ContextOverflowError, EdgeLoraError
 from edgelora_np.gguf.reader import open_gguf
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.config import LlamaConfig, config_from_gguf
 from edgelora_np.model.llama import Llama
 from edgelora_np.model.weights import load_weights
-from edgelora_np.sampling import Sampler, SamplingParams, StopMatcher
-from edgelora_np.tokenizer import StreamDecoder, Tokenizer
+from edgelora_np.tokenizer import Tokenizer
+
+__all__ = ["Engine", "Generation", "Model", "load_model"]
 
 DEFAULT_CONTEXT = 2048     # KV positions per sequence unless asked otherwise
 PREFILL_CHUNK = 128        # prompt tokens per forward call: bounds activation memory
@@ -37,30 +39,6 @@ def load_model(path: str | os.PathLike | None = None, *, n_threads: int | None =
                n_ctx: int | None = None, progress: bool = True) -> Model:
     """Load a llama-architecture GGUF file; None means $EDGELORA_MODEL or the embedded default."""
     return Model(resolve_model_path(path, progress=progress), n_threads=n_threads, n_ctx=n_ctx)
-
-
-@dataclass
-class Generation:
-    """Iterate to stream text pieces; afterwards the fields describe the whole generation."""
-
-    _pieces: Iterator[str]
-    prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None     # "stop" (EOS or stop string), "length" or "context"
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces:
-            self.text += piece
-            yield piece
-
-    def run(self) -> Generation:
-        """Consume the whole generation (for callers that do not stream)."""
-        for _ in self:
-            pass
-        return self
 
 
 class Model:
@@ -79,6 +57,7 @@ class Model:
         del gf                        # drops the file mapping: the repacked weights are the copy
         self.llama = Llama(self.config, weights)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.config.context_length)
+        self._engine = None
 
     # --- text <-> tokens -----------------------------------------------------------------------
 
@@ -96,13 +75,21 @@ class Model:
 
     # --- forward ---------------------------------------------------------------------------
 
-    def logits(self, ids) -> np.ndarray:
-        """float32 [len(ids), V]: the logits after every position, from a fresh cache."""
+    def logits(self, ids, *, adapter=None) -> np.ndarray:
+        """float32 [len(ids), V]: the logits after every position, from a fresh cache.
+
+        `adapter`: the name of a loaded adapter, or a path to one (see generate)."""
         ids = self._check_ids(ids)
+        name = self._adapter_name(adapter)
+        slot = -1 if name is None else self.engine.bank.slot(name)
+        lora = None if name is None else LoraBatch(self.engine.bank, np.full(PREFILL_CHUNK, slot))
         cache = self.llama.new_cache(len(ids))
-        out = [self.llama.forward(Batch.single(ids[i:i + PREFILL_CHUNK], start=i, all_logits=True),
-                                  cache)
-               for i in range(0, len(ids), PREFILL_CHUNK)]
+        out = []
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            batch = Batch.single(ids[i:i + PREFILL_CHUNK], start=i, adapter=slot, all_logits=True)
+            if lora is not None and len(batch) != PREFILL_CHUNK:
+                lora = LoraBatch(self.engine.bank, batch.adapters)
+            out.append(self.llama.forward(batch, cache, lora))
         return np.concatenate(out)
 
     def _check_ids(self, ids) -> np.ndarray:
@@ -118,70 +105,45 @@ class Model:
                                 f"(0..{self.config.vocab_size - 1})")
         return ids.astype(np.int32)
 
-    # --- generation ------------------------------------------------------------------------
+    # --- adapters and generation ----------------------------------------------------------------
 
-    def generate(self, prompt: str | list[int], *, chat: bool = False, max_tokens: int = 128,
+    @property
+    def engine(self):
+        """The model's own engine (one sequence at a time), behind generate() and logits()."""
+        if self._engine is None:
+            from edgelora_np.engine.engine import Engine
+
+            self._engine = Engine(self, max_seqs=1, kv_tokens=self.n_ctx)
+        return self._engine
+
+    def _adapter_name(self, adapter) -> str | None:
+        """A loaded adapter's name, or a path to load (once) under its own path as name."""
+        if adapter is None or adapter in self.engine.bank:
+            return adapter
+        name = str(adapter)
+        if name not in self.engine.bank:
+            self.engine.add_adapter(name, adapter)
+        return name
+
+    def prompt_ids(self, prompt, *, chat: bool = False) -> np.ndarray:
+        """Token ids of a prompt: text, chat message(s) when chat=True, or ids already."""
+        if isinstance(prompt, str) or (chat and isinstance(prompt, list)
+                                       and all(isinstance(m, dict) for m in prompt)):
+            if chat:
+                return self._check_ids(self.tokenize(self.chat_prompt(prompt), special=True))
+            return self._check_ids(self.tokenize(prompt))
+        return self._check_ids(prompt)
+
+    def generate(self, prompt, *, adapter=None, chat: bool = False, max_tokens: int = 128,
                  temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-                 seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
-                 ignore_eos: bool = False) -> Generation:
-        """Stream a completion of `prompt` (text, or token ids); see Generation."""
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                                repeat_last_n=repeat_last_n, seed=seed, stop=tuple(stop),
-                                ignore_eos=ignore_eos)
-        if isinstance(prompt, str):
-            text = self.chat_prompt(prompt) if chat else prompt
-            ids = self.tokenize(text, special=chat)
-        else:
-            ids = list(prompt)
-        ids = self._check_ids(ids)
-        gen = Generation(iter(()), prompt_tokens=len(ids))
-        gen._pieces = self._stream(ids, params, gen)
-        return gen
+                 seed: int | None = None, stop=(), ignore_eos: bool = False):
+        """Stream a completion of `prompt` (text, token ids, or chat messages with chat=True).
 
-    def _stream(self, ids: np.ndarray, params: SamplingParams, gen: Generation) -> Iterator[str]:
-        cache = self.llama.new_cache(self.n_ctx)
-        sampler = Sampler(params)
-        sampler.accept_many(ids.tolist())
-        decoder = StreamDecoder(self.tokenizer)
-        stops = StopMatcher(params.stop)
-        stop_ids = set() if params.ignore_eos else set(self.tokenizer.stop_ids)
-
-        t0 = time.perf_counter()
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            logits = self.llama.forward(Batch.single(ids[i:i + PREFILL_CHUNK], start=i), cache)
-        gen.prefill_seconds = time.perf_counter() - t0
-
-        n = len(ids)
-        t0 = time.perf_counter()
-        while True:
-            token = sampler.sample(logits[-1])
-            if token in stop_ids:
-                gen.finish_reason = "stop"
-                break
-            sampler.accept(token)
-            gen.token_ids.append(token)
-            text, hit = stops.push(decoder.push(token))
-            if text:
-                yield text
-            if hit:
-                gen.finish_reason = "stop"
-                break
-            if len(gen.token_ids) >= params.max_tokens:
-                gen.finish_reason = "length"
-                break
-            if n >= self.n_ctx:
-                gen.finish_reason = "context"
-                break
-            logits = self.llama.forward(Batch.single([token], start=n), cache)
-            n += 1
-        gen.decode_seconds = time.perf_counter() - t0
-        if not stops.stopped:
-            tail, hit = stops.push(decoder.flush())
-            if not hit:
-                tail += stops.flush()
-            if stops.stopped:
-                gen.finish_reason = "stop"
-            if tail:
-                yield tail
+        Returns a Generation: iterate it for text pieces. `adapter` is the name of a loaded
+        adapter or a path to a PEFT directory / GGUF-LoRA file."""
+        return self.engine.submit(
+            prompt, adapter=self._adapter_name(adapter), chat=chat, max_tokens=max_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+            stop=tuple(stop), ignore_eos=ignore_eos)

@@ -8,8 +8,8 @@
         h = rmsnorm(x) ; x = x + (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
     logits = rmsnorm(x[rows]) @ Wout.T                   [R, V]
 
-Every linear projection goes through `Llama.project`, the single place where LoRA adapters
-will add their per-token low-rank corrections.
+Every linear projection goes through `Llama.project`, the single place where LoRA adapters add
+their per-token low-rank corrections (`lora`: an adapters.bank.LoraBatch, or None).
 """
 
 from __future__ import annotations
@@ -37,14 +37,24 @@ class Llama:
     def new_cache(self, n_tokens: int | None = None, max_seq_len: int | None = None):
         return PagedKVCache(self.cfg, n_tokens or self.cfg.context_length, max_seq_len)
 
-    def project(self, x: np.ndarray, mats: tuple[PackedMatrix, ...]) -> np.ndarray:
-        """x [B, K] -> [B, sum of N]: one or more matrices sharing the input."""
+    def project(self, x: np.ndarray, mats: tuple[PackedMatrix, ...], group: str, layer: int,
+                lora=None) -> np.ndarray:
+        """x [B, K] -> y [B, sum of N]: one or more matrices sharing the input (one group),
+        then each token's LoRA correction: y[b] += scale B_a (A_a x[b]) for its adapter a."""
         if len(mats) == 1:
-            return matmul(mats[0], x)
-        return np.concatenate([matmul(m, x) for m in mats], axis=1)
+            y = matmul(mats[0], x)
+        else:
+            y = np.concatenate([matmul(m, x) for m in mats], axis=1)
+        if lora is not None:
+            lora.apply(group, layer, x, y)
+        return y
 
-    def forward(self, batch: Batch, cache: PagedKVCache) -> np.ndarray:
-        """Run one batch, appending its keys/values to `cache`; logits [R, V] float32."""
+    def forward(self, batch: Batch, cache: PagedKVCache, lora=None) -> np.ndarray:
+        """Run one batch, appending its keys/values to `cache`; logits [R, V] float32.
+
+        `lora` maps the batch's adapter slots onto resident adapters (adapters.bank.LoraBatch);
+        without it, every token runs on the base model.
+        """
         cfg, w = self.cfg, self.weights
         B, D, H, KVH, HD, F = len(batch), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, \
             cfg.ffn_dim
@@ -68,7 +78,7 @@ class Llama:
         act = np.empty((B, F), np.float32)
         for li, layer in enumerate(w.layers):
             rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
-            qkv = self.project(h, layer.qkv)                             # [B, D + 2*KVH*HD]
+            qkv = self.project(h, layer.qkv, "qkv", li, lora)            # [B, D + 2*KVH*HD]
             q = qkv[:, :D].reshape(B, H, HD)
             k = qkv[:, D:D + KVH * HD].reshape(B, KVH, HD)
             v = qkv[:, D + KVH * HD:].reshape(B, KVH, HD)
@@ -80,11 +90,11 @@ class Llama:
             cache.v[li][slot_page, :, slot_off, :] = f16_bits(v)
             attention(q, cache.k[li], cache.v[li], table, token_rows, positions,
                       self._attn_scale, attn)
-            x += self.project(attn.reshape(B, D), (layer.wo,))
+            x += self.project(attn.reshape(B, D), (layer.wo,), "o", li, lora)
             rmsnorm(x, layer.ffn_norm, cfg.rms_eps, h)
-            gate_up = self.project(h, layer.gate_up)                     # [B, 2F]
+            gate_up = self.project(h, layer.gate_up, "gate_up", li, lora)  # [B, 2F]
             swiglu(gate_up, F, act)
-            x += self.project(act, (layer.down,))
+            x += self.project(act, (layer.down,), "down", li, lora)
 
         rows = np.ascontiguousarray(x[batch.logit_rows])                 # [R, D]
         out = np.empty_like(rows)

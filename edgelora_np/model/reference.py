@@ -24,8 +24,14 @@ from edgelora_np.gguf.reader import GGUFFile, open_gguf
 from edgelora_np.model.config import LlamaConfig, config_from_gguf
 
 
-def reference_logits(gguf_path: str | os.PathLike, token_ids) -> np.ndarray:
-    """float64 [n, V]: the logits after every token of `token_ids`, from position 0."""
+def reference_logits(gguf_path: str | os.PathLike, token_ids,
+                     merged: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """float64 [n, V]: the logits after every token of `token_ids`, from position 0.
+
+    `merged` maps tensor names (e.g. "blk.3.attn_q.weight") to dense deltas [out, in] added to
+    the dequantized weights: a LoRA adapter merged in, W + scale * B @ A.
+    """
+    merged = merged or {}
     gf = open_gguf(gguf_path)
     cfg = config_from_gguf(gf)
     ids = np.asarray(token_ids, dtype=np.int64)                          # [n]
@@ -33,7 +39,8 @@ def reference_logits(gguf_path: str | os.PathLike, token_ids) -> np.ndarray:
 
     def weight(name: str) -> np.ndarray:
         t = gf.tensor(name)
-        return dequantize(t.data, t.qtype, t.shape, name=name).astype(np.float64)
+        w = dequantize(t.data, t.qtype, t.shape, name=name).astype(np.float64)
+        return w + merged[name] if name in merged else w
 
     cos, sin = rope_angles(cfg, np.arange(n), _rope_freq_factors(gf))    # [n, rope_dim/2] x2
     x = weight("token_embd.weight")[ids]                                 # [n, D]
