@@ -153,13 +153,22 @@ def _rate(tokens: int, seconds: float) -> float | None:
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the chat template.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object at the end instead of streaming text.")
-def generate(prompt, model_path, threads, ctx, chat, as_json, **sampling):
+@click.option("--adapter", "adapter_path", default=None, metavar="PATH",
+              help="A LoRA adapter: a PEFT directory or a GGUF-LoRA file.")
+@click.option("--adapter-scale", default=1.0, show_default=True, type=float,
+              help="Multiplier of the adapter's correction.")
+def generate(prompt, model_path, threads, ctx, chat, as_json, adapter_path, adapter_scale,
+             **sampling):
     """Complete PROMPT, streaming the text to stdout."""
     from dataclasses import asdict
 
     params = _sampling_params(sampling)
     model = _load(model_path, threads, ctx)
-    gen = model.generate(prompt, chat=chat, **asdict(params))
+    adapter = None
+    if adapter_path is not None:
+        adapter = "adapter"
+        model.engine.add_adapter(adapter, adapter_path, scale=adapter_scale)
+    gen = model.generate(prompt, chat=chat, adapter=adapter, **asdict(params))
     if as_json:
         gen.run()
     else:
@@ -175,7 +184,7 @@ def generate(prompt, model_path, threads, ctx, chat, as_json, **sampling):
             "text": gen.text, "tokens": gen.token_ids, "finish_reason": gen.finish_reason,
             "prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
             "prefill_tok_per_s": prefill_rate, "decode_tok_per_s": decode_rate,
-            "model": str(model.path),
+            "model": str(model.path), "adapter": adapter_path,
         }, ensure_ascii=False))
     else:
         _status(f"edgelora: {gen.prompt_tokens} prompt tokens at {prefill_rate} tok/s, "
@@ -371,3 +380,45 @@ def warmup(model_path, threads, ctx):
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters
+
+@main.group()
+def adapters():
+    """LoRA adapters: PEFT directories and GGUF-LoRA files."""
+
+
+@adapters.command("inspect")
+@click.argument("adapter_path", metavar="PATH")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="Base model to check the adapter against [default: the embedded model].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def adapters_inspect(adapter_path, model_path, as_json):
+    """Load PATH against the base model's shapes and describe it."""
+    from edgelora_np.adapters.formats import load_adapter
+    from edgelora_np.default_model import resolve_model_path
+    from edgelora_np.gguf.reader import open_gguf
+    from edgelora_np.model.config import config_from_gguf
+
+    cfg = config_from_gguf(open_gguf(resolve_model_path(model_path)))
+    ad = load_adapter(adapter_path, cfg)
+    layers = sorted({layer for layer, _ in ad.pairs})
+    scales = sorted({round(p.scale, 6) for p in ad.pairs.values()})
+    report = {
+        "path": str(ad.path), "format": ad.format, "name": ad.name,
+        "targets": list(ad.targets), "ranks": {k: sorted(v) for k, v in ad.ranks.items()},
+        "layers": layers, "scales": scales, "pairs": len(ad.pairs), "bytes": ad.nbytes,
+        "base": cfg.name,
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"{report['path']}  ({ad.format}, fits {cfg.name or 'the base model'})")
+    click.echo(f"  targets   {', '.join(ad.targets)}")
+    click.echo("  ranks     " + ", ".join(f"{k}: {'/'.join(map(str, v))}"
+                                           for k, v in report["ranks"].items()))
+    click.echo(f"  layers    {len(layers)} of {cfg.n_layers} ({layers[0]}..{layers[-1]})")
+    click.echo(f"  scale     {', '.join(map(str, scales))}  (alpha / r x user scale)")
+    click.echo(f"  memory    {ad.nbytes / 2**20:.2f} MiB as float32, {len(ad.pairs)} A/B pairs")
