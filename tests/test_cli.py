@@ -7,6 +7,7 @@ makes the CLI's `load_model` return it), and one goes through the real loading p
 
 import collections
 import json
+from pathlib import Path
 
 import gguf
 import pytest
@@ -169,8 +170,8 @@ def test_generate_json_real_load(model_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert set(out) == {"text", "tokens", "finish_reason", "prompt_tokens", "completion_tokens",
-                        "prefill_tok_per_s", "decode_tok_per_s", "model"}
-    assert out["text"].startswith(" Paris")
+                        "prefill_tok_per_s", "decode_tok_per_s", "model", "adapter"}
+    assert out["text"].startswith(" Paris") and out["adapter"] is None
     assert out["finish_reason"] == "length"
     assert out["completion_tokens"] == len(out["tokens"]) == 8
     model = load_model(model_path)
@@ -259,3 +260,28 @@ def test_warmup(shared_model):
     assert result.exit_code == 0, result.output
     for name in ("matmul Q4_K", "matmul Q5_K", "matmul Q6_K", "matmul BF16", "prefill", "total"):
         assert name in result.stdout
+
+
+@pytest.mark.slow
+def test_generate_with_adapter_changes_the_answer(model_path):
+    adapter = str(Path(__file__).parent / "data" / "lora" / "peft_strong")
+    base = run("generate", "--temperature", "0", "-n", "12", "--json", "--model", model_path,
+               "Once upon a time")
+    tuned = run("generate", "--temperature", "0", "-n", "12", "--json", "--model", model_path,
+                "--adapter", adapter, "Once upon a time")
+    assert base.exit_code == 0 and tuned.exit_code == 0, tuned.output
+    assert json.loads(tuned.stdout)["adapter"] == adapter
+    assert json.loads(tuned.stdout)["tokens"] != json.loads(base.stdout)["tokens"]
+
+
+def test_adapters_inspect_reports_and_refuses(model_path, tmp_path):
+    adapter = Path(__file__).parent / "data" / "lora" / "peft_strong"
+    result = run("adapters", "inspect", str(adapter), "--model", model_path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["format"] == "peft" and report["ranks"]["attn_q"] == [8]
+    assert len(report["targets"]) == 7
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    result = run("adapters", "inspect", str(bad), "--model", model_path)
+    assert result.exit_code == 2 and "bad.gguf" in result.stderr and "Traceback" not in result.output
