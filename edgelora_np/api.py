@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from edgelora_np.model.config import LlamaConfig, config_from_gguf
 from edgelora_np.model.llama import Llama
 from edgelora_np.model.weights import load_weights
 from edgelora_np.tokenizer import Tokenizer
+from edgelora_np.warmup import release_compiler_memory, warm_forward
 
 __all__ = ["Engine", "Generation", "Model", "load_model"]
 
@@ -36,13 +38,27 @@ PREFILL_CHUNK = 128        # prompt tokens per forward call: bounds activation m
 
 
 def load_model(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
-               n_ctx: int | None = None, progress: bool = True) -> Model:
-    """Load a llama-architecture GGUF file; None means $EDGELORA_MODEL or the embedded default."""
-    return Model(resolve_model_path(path, progress=progress), n_threads=n_threads, n_ctx=n_ctx)
+               n_ctx: int | None = None, progress: bool = True, warm: bool = True) -> Model:
+    """Load a llama-architecture GGUF file; None means $EDGELORA_MODEL or the embedded default.
+
+    `warm` runs every kernel once on a tiny model before the weights load (compiling them on
+    a fresh install, loading cached code otherwise) and then releases the compiler's memory.
+    """
+    return Model(resolve_model_path(path, progress=progress), n_threads=n_threads, n_ctx=n_ctx,
+                 warm=warm)
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the OS (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Model:
-    def __init__(self, path: Path, *, n_threads: int | None = None, n_ctx: int | None = None):
+    def __init__(self, path: Path, *, n_threads: int | None = None, n_ctx: int | None = None,
+                 warm: bool = True):
         self.path = Path(path)
         self.n_threads = n_threads or numba.config.NUMBA_NUM_THREADS
         if not 1 <= self.n_threads <= numba.config.NUMBA_NUM_THREADS:
@@ -53,8 +69,14 @@ class Model:
         self.config: LlamaConfig = config_from_gguf(gf)
         self.tokenizer = Tokenizer.from_gguf_fields(gf.fields)
         self.metadata = {k: v for k, v in gf.fields.items() if not isinstance(v, list)}
+        if warm and not numba.config.DISABLE_JIT:
+            # Kernels first, while little else is resident: then the compiler's pages can go.
+            warm_forward({t.qtype for t in gf.tensors.values() if len(t.shape) == 2},
+                         self.n_threads)
+            release_compiler_memory()
         weights = load_weights(gf, self.config, self.n_threads)
         del gf                        # drops the file mapping: the repacked weights are the copy
+        _return_freed_memory()        # repacking's scratch goes back to the OS, not to the heap
         self.llama = Llama(self.config, weights)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.config.context_length)
         self._engine = None

@@ -121,3 +121,88 @@ def _cache_counts() -> tuple[int, int]:
     hits = sum(sum(k.stats.cache_hits.values()) for k in kernels.values())
     misses = sum(sum(k.stats.cache_misses.values()) for k in kernels.values())
     return hits, misses
+
+
+def warm_forward(qtypes, n_threads: int | None = None) -> None:
+    """Run every kernel a forward pass uses, with the argument types the real model will pass.
+
+    A tiny random one-layer model per weight type in `qtypes` (each with its own dtype
+    signatures: fp16 or float32 scales, q8_0/q8_1/q8_K activations) goes through a prefill
+    chunk and a decode step, with and without a LoRA adapter (segment and gather kernels).
+    Sizes do not matter to Numba, only types, so this loads exactly the machine code the
+    real model needs, in milliseconds once cached.
+    """
+    from edgelora_np.adapters.bank import LoraBank, LoraBatch
+    from edgelora_np.model.batch import Batch
+    from edgelora_np.model.config import LlamaConfig
+    from edgelora_np.model.llama import Llama
+    from edgelora_np.model.weights import LayerWeights, ModelWeights
+
+    n_threads = n_threads or numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    D = F = WARM_COLS
+    cfg = LlamaConfig(n_layers=1, dim=D, n_heads=4, n_kv_heads=2, head_dim=D // 4, ffn_dim=F,
+                      vocab_size=WARM_ROWS, context_length=64, rope_base=1e4, rope_dim=D // 4,
+                      rope_freq_scale=1.0, rms_eps=1e-5)
+    adapter = _TinyAdapter(cfg, rng)
+    for qtype in sorted(set(qtypes) & set(SUPPORTED)):
+        def mat(rows, cols, qtype=qtype):
+            return synthetic_matrix(qtype, rows, cols, n_threads, rng)
+
+        norm = np.ones(D, np.float32)
+        layer = LayerWeights(norm, (mat(D + 2 * cfg.kv_dim, D),), mat(D, D), norm,
+                             (mat(2 * F, D),), mat(D, F))
+        embd = mat(WARM_ROWS, D)
+        llama = Llama(cfg, ModelWeights(embd, [layer], norm, embd, None))
+        bank = LoraBank(cfg, 1)
+        slot = bank.add("warm", adapter)
+        for lora_slot in (-1, slot):
+            cache = llama.new_cache(64)
+            prefill = Batch.single([1, 2, 3], adapter=lora_slot)
+            decode = Batch.single([4], start=3, adapter=lora_slot)
+            for batch in (prefill, decode):
+                lora = LoraBatch(bank, batch.adapters) if lora_slot >= 0 else None
+                llama.forward(batch, cache, lora)
+
+
+class _TinyAdapter:
+    """A random rank-2 adapter on all seven projections of a one-layer config."""
+
+    def __init__(self, cfg, rng):
+        from types import SimpleNamespace
+
+        from edgelora_np.adapters.bank import projection_groups
+
+        self.pairs = {}
+        for group in projection_groups(cfg).values():
+            for proj, _, width in group.parts:
+                self.pairs[(0, proj)] = SimpleNamespace(
+                    a=rng.standard_normal((2, group.n_in)).astype(np.float32),
+                    b=rng.standard_normal((width, 2)).astype(np.float32), scale=1.0)
+
+
+def release_compiler_memory() -> int:
+    """Hand the pages of LLVM (Numba's compiler) back to the OS; returns the bytes advised.
+
+    Once every kernel is compiled or loaded, the compiler's ~70 MB of code and data pages sit
+    resident but unused. They are clean file-backed pages, so MADV_PAGEOUT drops them at no
+    cost; if a new kernel signature ever needs compiling, they are simply read back in.
+    Linux only (a no-op elsewhere, or where the kernel refuses).
+    """
+    import ctypes
+
+    madv_pageout = 21
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        maps = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for line in maps:
+        fields = line.split()
+        if len(fields) >= 6 and "libllvmlite" in fields[5]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(start, end - start, madv_pageout) == 0:
+                advised += end - start
+    return advised

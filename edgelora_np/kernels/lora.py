@@ -34,35 +34,46 @@ from edgelora_np.kernels.bits import f16_to_f32
 SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _shrink(a_row, xr_row):
+    """t = a . x for one rank row: fp16 bits times float32, vectorized (reassociated sum)."""
+    acc = np.float32(0.0)
+    for k in range(xr_row.shape[0]):
+        acc += f16_to_f32(a_row[k]) * xr_row[k]
+    return acc
+
+
+@njit(cache=True)
+def _expand(y_row, t, b, start, width):
+    """y += t * b[start:start+width] (fp16 bits), one rank row into its projection's columns."""
+    for c in range(width):
+        y_row[c] += t * f16_to_f32(b[start + c])
+
+
 @njit(parallel=True, cache=True)
-def lora_bgmv(x, y, token_slot, a, b, scale, col0, width, bstart, slot_row0, slot_nrows):
-    """x [B, K], y [B, N] updated in place; token_slot [B] int32 (-1 = no adapter)."""
-    B, K = x.shape
+def lora_bgmv(xr, y, token_slot, a, b, scale, col0, width, bstart, slot_row0, slot_nrows):
+    """xr [B, K] (x rounded to fp16 values), y [B, N] updated in place; token_slot [B] int32
+    (-1 = no adapter)."""
+    B = xr.shape[0]
     for i in prange(B):
         s = token_slot[i]
         if s < 0 or slot_nrows[s] == 0:
             continue
-        xr = np.empty(K, np.float32)
-        for k in range(K):
-            xr[k] = round_to_f16(x[i, k])
         for j in range(slot_row0[s], slot_row0[s] + slot_nrows[s]):
-            t = np.float32(0.0)
-            for k in range(K):
-                t += f16_to_f32(a[j, k]) * xr[k]
-            t = round_to_f16(t) * scale[j]
-            c0 = col0[j]
-            b0 = bstart[j]
-            for c in range(width[j]):
-                y[i, c0 + c] += t * f16_to_f32(b[b0 + c])
+            t = round_to_f16(_shrink(a[j], xr[i])) * scale[j]
+            _expand(y[i, col0[j]:], t, b, bstart[j], width[j])
 
 
 @njit(parallel=True, cache=True)
-def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bstart, slot_row0,
+def lora_sgmv(xr, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bstart, slot_row0,
               slot_nrows):
-    """Segments: tokens seg_begin[s]..seg_end[s]-1 all use adapter slot seg_slot[s]."""
-    K = x.shape[1]
+    """Segments: tokens seg_begin[s]..seg_end[s]-1 all use adapter slot seg_slot[s].
+
+    Work items are (segment, chunk of SEGMENT_CHUNK tokens); within one, each rank row's B
+    values are widened to float32 once and reused by every token of the chunk. Per token, the
+    arithmetic is the gather kernel's, so both give the same bits.
+    """
     n_seg = seg_slot.shape[0]
-    # Work items: (segment, chunk of SEGMENT_CHUNK tokens), flattened for one parallel loop.
     n_chunks = np.zeros(n_seg + 1, np.int64)
     for s in range(n_seg):
         n_tok = seg_end[s] - seg_begin[s]
@@ -76,31 +87,24 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bsta
             continue
         t0 = seg_begin[s] + (item - n_chunks[s]) * SEGMENT_CHUNK
         t1 = min(t0 + SEGMENT_CHUNK, seg_end[s])
-        n = t1 - t0
-        xr = np.empty((n, K), np.float32)
-        for i in range(n):
-            for k in range(K):
-                xr[i, k] = round_to_f16(x[t0 + i, k])
-        arow = np.empty(K, np.float32)
-        t = np.empty(n, np.float32)
+        t = np.empty(t1 - t0, np.float32)
         for j in range(slot_row0[slot], slot_row0[slot] + slot_nrows[slot]):
-            for k in range(K):
-                arow[k] = f16_to_f32(a[j, k])
-            for i in range(n):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += arow[k] * xr[i, k]
-                t[i] = round_to_f16(acc) * scale[j]
+            for i in range(t0, t1):
+                t[i - t0] = round_to_f16(_shrink(a[j], xr[i])) * scale[j]
             c0 = col0[j]
-            b0 = bstart[j]
             w = width[j]
             brow = np.empty(w, np.float32)
             for c in range(w):
-                brow[c] = f16_to_f32(b[b0 + c])
-            for i in range(n):
-                ti = t[i]
+                brow[c] = f16_to_f32(b[bstart[j] + c])
+            for i in range(t0, t1):
+                ti = t[i - t0]
                 for c in range(w):
-                    y[t0 + i, c0 + c] += ti * brow[c]
+                    y[i, c0 + c] += ti * brow[c]
+
+
+def round_activations_f16(x: np.ndarray) -> np.ndarray:
+    """x rounded to fp16 values (kept as float32), as llama.cpp feeds an F16 LoRA matrix."""
+    return x.astype(np.float16).astype(np.float32)
 
 
 def segments(token_slot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
