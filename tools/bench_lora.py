@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_test_adapters import ALL_SEVEN, L, AdapterSpec, make_factors, write_gguf_lora  # noqa: E402
+from make_test_adapters import ALL_SEVEN, AdapterSpec, L, make_factors, write_gguf_lora  # noqa: E402
 
 RANK = 8
 PROMPT = "Tenant request number {i}: please summarise the following note about bicycles."
