@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from benchutil import run_child  # noqa: E402
 from make_test_adapters import ALL_SEVEN, AdapterSpec, L, make_factors, write_gguf_lora  # noqa: E402
 
 RANK = 8
@@ -172,12 +172,8 @@ def llamacpp_rates(model: str, threads: int, paths: list[str]) -> dict:
 
 
 def child(engine: str, model: str, threads: int, folder: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--threads",
-           str(threads), "--adapters", folder]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, engine, ["--model", model, "--threads", str(threads),
+                                        "--adapters", folder])
 
 
 def main() -> None:

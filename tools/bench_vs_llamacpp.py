@@ -15,10 +15,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchutil import run_child  # noqa: E402
 
 PROMPT_TOKENS = 256
 DECODE_TOKENS = 128
@@ -90,12 +92,8 @@ def _summarize(runs) -> dict:
 
 
 def child(engine: str, model: str, threads: int, n_ctx: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", engine, "--model", model,
-           "--threads", str(threads), "--ctx", str(n_ctx)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, engine, ["--model", model, "--threads", str(threads),
+                                        "--ctx", str(n_ctx)])
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def _f16(raw: np.ndarray) -> np.ndarray:
     return raw.view("<f2").astype(np.float32)
 
 
-def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unpack Q4_K/Q5_K sub-block scales and mins: uint8[N, 12] -> (float32[N, 8], float32[N, 8]).
 
     Eight 6-bit scales s0..s7 and eight 6-bit mins m0..m7 share 12 bytes (ggml get_scale_min_k4):
@@ -121,14 +121,14 @@ def dequantize_q4_K(blocks: np.ndarray) -> np.ndarray:
 
     bytes 0-1     d       fp16 scale of the sub-block scales
     bytes 2-3     dmin    fp16 scale of the sub-block mins
-    bytes 4-15    scales  8 six-bit scales sc + 8 six-bit mins mn (see _k_scales_mins)
+    bytes 4-15    scales  8 six-bit scales sc + 8 six-bit mins mn (see k_scales_mins)
     bytes 16-143  qs      4 chunks of 32 bytes; chunk c, byte l: low nibble = element 64c+l
                           (sub-block 2c), high nibble = element 64c+32+l (sub-block 2c+1)
     """
     n = blocks.shape[0]
     d = _f16(blocks[:, 0:2])  # [N, 1]
     dmin = _f16(blocks[:, 2:4])  # [N, 1]
-    sc, mn = _k_scales_mins(blocks[:, 4:16])  # [N, 8] each
+    sc, mn = k_scales_mins(blocks[:, 4:16])  # [N, 8] each
     qs = blocks[:, 16:144].reshape(n, 4, 1, 32)  # [N, chunk, 1, 32]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # [N, chunk, low/high, 32]
     q = q.reshape(n, 8, 32).astype(np.float32)  # [N, sub-block, 32]
@@ -149,7 +149,7 @@ def dequantize_q5_K(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     d = _f16(blocks[:, 0:2])  # [N, 1]
     dmin = _f16(blocks[:, 2:4])  # [N, 1]
-    sc, mn = _k_scales_mins(blocks[:, 4:16])  # [N, 8] each
+    sc, mn = k_scales_mins(blocks[:, 4:16])  # [N, 8] each
     qh = blocks[:, 16:48]  # [N, 32]
     qs = blocks[:, 48:176].reshape(n, 4, 1, 32)  # [N, chunk, 1, 32]
     low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)  # [N, sub-block, 32]

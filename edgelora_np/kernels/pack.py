@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from edgelora_np.errors import UnsupportedQuantError
+from edgelora_np.gguf.quants import k_scales_mins
 from edgelora_np.kernels.actquant import quantize_activations, quantize_activations_ref
 from edgelora_np.kernels.qmatmul import (
     matmul_f16,
@@ -114,21 +115,15 @@ def _split_q8_0(blocks):   # 34 bytes: d fp16 | 32 int8;  w = d * q
 
 
 def _k_scales_mins(scales12):
-    """The 8 packed 6-bit (scale, min) pairs of a Q4_K/Q5_K super-block (ggml get_scale_min_k4)."""
-    s = scales12.astype(np.uint8)
-    sc = np.empty((*s.shape[:-1], 8), np.uint8)
-    mn = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    mn[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    return sc, mn
+    """[..., 12] packed bytes -> the 8 (scale, min) pairs [..., 8] of each super-block."""
+    sc, mn = k_scales_mins(scales12.reshape(-1, 12))
+    return sc.reshape(*scales12.shape[:-1], 8), mn.reshape(*scales12.shape[:-1], 8)
 
 
 def _kquant_scales(blocks, sc, mn):
     d = _f16(blocks[..., 0:2]).view(np.float16).astype(np.float32)[..., None]
     dmin = _f16(blocks[..., 2:4]).view(np.float16).astype(np.float32)[..., None]
-    return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    return d * sc, -(dmin * mn)
 
 
 def _split_q4_k(blocks):

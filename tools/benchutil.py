@@ -1,0 +1,16 @@
+"""Shared by the benchmark tools: each engine runs in a fresh subprocess of the same script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_child(script: str, engine: str, args: list[str]) -> dict:
+    """Run `script --child engine args...` and return the JSON object it prints last."""
+    cmd = [sys.executable, script, "--child", engine, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
