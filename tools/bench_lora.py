@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import run_child  # noqa: E402
+from benchutil import run_child, warm_edgelora  # noqa: E402
 from make_test_adapters import ALL_SEVEN, AdapterSpec, L, make_factors, write_gguf_lora  # noqa: E402
 
 RANK = 8
@@ -194,6 +194,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         write_adapters(Path(folder), 16)
+        warm_edgelora(args.model)
         ours = child("edgelora", args.model, args.threads, folder)
         theirs = child("llamacpp", args.model, args.threads, folder)
     tax = 1 - ours["8_distinct"] / ours["8_base"]

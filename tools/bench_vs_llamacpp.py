@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import run_child  # noqa: E402
+from benchutil import run_child, warm_edgelora  # noqa: E402
 
 PROMPT_TOKENS = 256
 DECODE_TOKENS = 128
@@ -110,6 +110,7 @@ def main() -> None:
         run = run_edgelora if args.child == "edgelora" else run_llamacpp
         print(json.dumps(run(args.model, args.threads, args.ctx)))
         return
+    warm_edgelora(args.model)
     ours = child("edgelora", args.model, args.threads, args.ctx)
     theirs = child("llamacpp", args.model, args.threads, args.ctx)
     print(f"model {Path(args.model).name}, {args.threads} threads, context {args.ctx}, "

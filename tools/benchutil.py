@@ -14,3 +14,13 @@ def run_child(script: str, engine: str, args: list[str]) -> dict:
     if done.returncode != 0:
         sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def warm_edgelora(model: str) -> None:
+    """Compile and cache every kernel once (`edgelora warmup`), so that the measured process
+    loads machine code from Numba's cache instead of compiling: a fresh install's first run
+    pays seconds of JIT and ~100 MB of compiler memory, which is not what serving costs."""
+    cmd = [sys.executable, "-m", "edgelora_np.cli", "warmup", "--model", model]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"edgelora warmup failed:\n{done.stderr[-3000:]}")
