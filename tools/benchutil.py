@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_child(script: str, engine: str, args: list[str]) -> dict:
@@ -21,6 +22,9 @@ def warm_edgelora(model: str) -> None:
     loads machine code from Numba's cache instead of compiling: a fresh install's first run
     pays seconds of JIT and ~100 MB of compiler memory, which is not what serving costs."""
     cmd = [sys.executable, "-m", "edgelora_np.cli", "warmup", "--model", model]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Run from tools/, like the measured processes: from the repository root, `-m` would
+    # import the source tree's edgelora_np (and fill its kernel cache) instead of the installed one.
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parent)
     if done.returncode != 0:
         sys.exit(f"edgelora warmup failed:\n{done.stderr[-3000:]}")
