@@ -20,7 +20,7 @@ import numpy as np
 
 from edgelora_np.errors import AdapterError, CapacityError
 from edgelora_np.kernels.bits import f16_bits
-from edgelora_np.kernels.lora import lora_bgmv, lora_sgmv, round_activations_f16, segments
+from edgelora_np.kernels.lora import lora_bgmv, lora_sgmv, segments
 from edgelora_np.model.config import LlamaConfig
 
 
@@ -202,8 +202,7 @@ class LoraBatch:
             return
         args = (g.a[layer], g.b[layer], g.scale[layer], g.col0, g.width, g.bstart,
                 g.slot_row0, g.slot_nrows)
-        xr = round_activations_f16(x)                                    # [B, K]
         if self.any_gather:
-            lora_bgmv(xr, y, self.gather_slot, *args)
+            lora_bgmv(x, y, self.gather_slot, *args)
         if len(self.seg_slot):
-            lora_sgmv(xr, y, self.seg_begin, self.seg_end, self.seg_slot, *args)
+            lora_sgmv(x, y, self.seg_begin, self.seg_end, self.seg_slot, *args)

@@ -17,32 +17,14 @@ where bs is the weight format's block size (32, or 16 for Q6_K).
 ggml rounds x/d to nearest, ties to even, on x86 (`_mm256_round_ps`) and ARM (`vcvtnq`).
 """
 
-import math
-
 import numpy as np
 from numba import njit, prange
+
+from edgelora_np.kernels.bits import round_to_f16
 
 ACT_FORMATS = ("q8_0", "q8_1", "q8_K")
 QK8 = 32     # block of q8_0 / q8_1
 QK_K = 256   # super-block of q8_K
-
-
-@njit(inline="always")
-def round_to_f16(x):
-    """Round a float32 to the nearest fp16 value (ties to even), returned as float32.
-
-    Numba has no float16, so: with x = m * 2**e (0.5 <= m < 1), fp16 keeps 11 significant bits,
-    i.e. a step of 2**(e - 11). Adding and subtracting 1.5 * 2**(e + 12) rounds to that step in
-    float32 arithmetic. Below the fp16 normal range (2**-14) the step is fixed at 2**-24.
-    Activation scales never reach the fp16 overflow threshold (65504).
-    """
-    x = np.float32(x)
-    if x == 0:
-        return x
-    _, e = math.frexp(abs(x))
-    e = max(e, -13)
-    big = np.float32(1.5 * 2.0 ** (e + 12))
-    return (x + big) - big
 
 
 @njit(parallel=True, cache=True)

@@ -15,8 +15,7 @@ probabilities are rounded to fp16 before they weight V.
 import numpy as np
 from numba import njit, prange
 
-from edgelora_np.kernels.actquant import round_to_f16
-from edgelora_np.kernels.bits import f16_to_f32
+from edgelora_np.kernels.bits import f16_to_f32, round_to_f16
 
 
 @njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "nsz", "arcp"})

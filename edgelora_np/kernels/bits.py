@@ -29,9 +29,24 @@ def _bitcast_python(bits):
     return np.array(bits, dtype=np.uint32).view(np.float32)[()]
 
 
-# float32 whose bit pattern is the uint32 `bits` (C: memcpy(&f, &bits, 4)). With
+@intrinsic
+def _bitcast_f32_u32(typingctx, value):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+def _bitcast_f32_python(value):
+    return np.array(value, dtype=np.float32).view(np.uint32)[()]
+
+
+# float32 whose bit pattern is the uint32 `bits` (C: memcpy(&f, &bits, 4)), and back. With
 # NUMBA_DISABLE_JIT=1 the kernels run as plain Python and need a plain-Python bitcast.
 bits_to_f32 = _bitcast_python if numba_config.DISABLE_JIT else _bitcast_u32_f32
+f32_to_bits = _bitcast_f32_python if numba_config.DISABLE_JIT else _bitcast_f32_u32
 
 
 @njit(inline="always")
@@ -45,6 +60,23 @@ def f16_to_f32(h):
     h32 = np.uint32(h)
     magnitude = bits_to_f32((h32 & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_EXP_REBIAS
     return -magnitude if h32 & np.uint32(0x8000) else magnitude
+
+
+@njit(inline="always")
+def round_to_f16(x):
+    """Round a float32 to the nearest fp16 value (ties to even), returned as float32.
+
+    fp16 keeps 10 of float32's 23 mantissa bits: adding 0x0FFF plus the lowest kept bit and
+    clearing the 13 dropped bits rounds to nearest even, carries included. Below fp16's normal
+    range (2**-14) its step is fixed at 2**-24 instead. Branch-free, so loops over it vectorize.
+    Magnitudes past fp16's largest value (65504) are not turned into infinity.
+    """
+    x = np.float32(x)
+    tiny = np.float32(np.rint(x * np.float32(2.0**24))) * np.float32(2.0**-24)
+    u = f32_to_bits(x)
+    rounded = bits_to_f32(np.uint32((u + np.uint32(0x0FFF) + ((u >> np.uint32(13)) & np.uint32(1)))
+                                    & np.uint32(0xFFFFE000)))
+    return tiny if abs(x) < np.float32(2.0**-14) else rounded
 
 
 @njit(inline="always")

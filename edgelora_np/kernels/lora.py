@@ -22,14 +22,14 @@ Two kernels share this layout:
   bgmv  (decode: tokens of many adapters)   one token at a time, each reading its own rows
   sgmv  (prefill: runs of tokens sharing an adapter)   each adapter row is widened to float32
         once per chunk of tokens and reused by all of them
-Rounding follows llama.cpp's F16 LoRA path: x is rounded to fp16 before A, t before B.
+Rounding follows llama.cpp's F16 LoRA path: x is rounded to fp16 before A, t before B
+(in the kernels: NumPy's float16 conversion cost more than the LoRA arithmetic itself).
 """
 
 import numpy as np
 from numba import njit, prange
 
-from edgelora_np.kernels.actquant import round_to_f16
-from edgelora_np.kernels.bits import f16_to_f32
+from edgelora_np.kernels.bits import f16_to_f32, round_to_f16
 
 SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
 
@@ -50,22 +50,29 @@ def _expand(y_row, t, b, start, width):
         y_row[c] += t * f16_to_f32(b[start + c])
 
 
+@njit(cache=True)
+def _round_row(x_row, out):
+    for k in range(x_row.shape[0]):
+        out[k] = round_to_f16(x_row[k])
+
+
 @njit(parallel=True, cache=True)
-def lora_bgmv(xr, y, token_slot, a, b, scale, col0, width, bstart, slot_row0, slot_nrows):
-    """xr [B, K] (x rounded to fp16 values), y [B, N] updated in place; token_slot [B] int32
-    (-1 = no adapter)."""
-    B = xr.shape[0]
+def lora_bgmv(x, y, token_slot, a, b, scale, col0, width, bstart, slot_row0, slot_nrows):
+    """x [B, K], y [B, N] updated in place; token_slot [B] int32 (-1 = no adapter)."""
+    B, K = x.shape
     for i in prange(B):
         s = token_slot[i]
         if s < 0 or slot_nrows[s] == 0:
             continue
+        xr = np.empty(K, np.float32)
+        _round_row(x[i], xr)
         for j in range(slot_row0[s], slot_row0[s] + slot_nrows[s]):
-            t = round_to_f16(_shrink(a[j], xr[i])) * scale[j]
+            t = round_to_f16(_shrink(a[j], xr)) * scale[j]
             _expand(y[i, col0[j]:], t, b, bstart[j], width[j])
 
 
 @njit(parallel=True, cache=True)
-def lora_sgmv(xr, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bstart, slot_row0,
+def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bstart, slot_row0,
               slot_nrows):
     """Segments: tokens seg_begin[s]..seg_end[s]-1 all use adapter slot seg_slot[s].
 
@@ -87,10 +94,13 @@ def lora_sgmv(xr, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bst
             continue
         t0 = seg_begin[s] + (item - n_chunks[s]) * SEGMENT_CHUNK
         t1 = min(t0 + SEGMENT_CHUNK, seg_end[s])
+        xr = np.empty((t1 - t0, x.shape[1]), np.float32)
+        for i in range(t0, t1):
+            _round_row(x[i], xr[i - t0])
         t = np.empty(t1 - t0, np.float32)
         for j in range(slot_row0[slot], slot_row0[slot] + slot_nrows[slot]):
             for i in range(t0, t1):
-                t[i - t0] = round_to_f16(_shrink(a[j], xr[i])) * scale[j]
+                t[i - t0] = round_to_f16(_shrink(a[j], xr[i - t0])) * scale[j]
             c0 = col0[j]
             w = width[j]
             brow = np.empty(w, np.float32)
@@ -100,11 +110,6 @@ def lora_sgmv(xr, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bst
                 ti = t[i - t0]
                 for c in range(w):
                     y[i, c0 + c] += ti * brow[c]
-
-
-def round_activations_f16(x: np.ndarray) -> np.ndarray:
-    """x rounded to fp16 values (kept as float32), as llama.cpp feeds an F16 LoRA matrix."""
-    return x.astype(np.float16).astype(np.float32)
 
 
 def segments(token_slot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
