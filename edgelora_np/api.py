@@ -104,13 +104,11 @@ class Model:
         ids = self._check_ids(ids)
         name = self._adapter_name(adapter)
         slot = -1 if name is None else self.engine.bank.slot(name)
-        lora = None if name is None else LoraBatch(self.engine.bank, np.full(PREFILL_CHUNK, slot))
         cache = self.llama.new_cache(len(ids))
         out = []
         for i in range(0, len(ids), PREFILL_CHUNK):
             batch = Batch.single(ids[i:i + PREFILL_CHUNK], start=i, adapter=slot, all_logits=True)
-            if lora is not None and len(batch) != PREFILL_CHUNK:
-                lora = LoraBatch(self.engine.bank, batch.adapters)
+            lora = None if name is None else LoraBatch(self.engine.bank, batch.adapters)
             out.append(self.llama.forward(batch, cache, lora))
         return np.concatenate(out)
 
