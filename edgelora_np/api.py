@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -48,14 +47,6 @@ def load_model(path: str | os.PathLike | None = None, *, n_threads: int | None =
                  warm=warm)
 
 
-def _return_freed_memory() -> None:
-    """Ask glibc to hand freed heap pages back to the OS (a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class Model:
     def __init__(self, path: Path, *, n_threads: int | None = None, n_ctx: int | None = None,
                  warm: bool = True):
@@ -76,7 +67,6 @@ class Model:
             release_compiler_memory()
         weights = load_weights(gf, self.config, self.n_threads)
         del gf                        # drops the file mapping: the repacked weights are the copy
-        _return_freed_memory()        # repacking's scratch goes back to the OS, not to the heap
         self.llama = Llama(self.config, weights)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.config.context_length)
         self._engine = None
