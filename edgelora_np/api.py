@@ -18,7 +18,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from edgelora_np.adapters.bank import LoraBatch
+from edgelora_np.adapters.pool import LoraBatch
 from edgelora_np.default_model import resolve_model_path
 from edgelora_np.engine.engine import Engine, Generation
 from edgelora_np.errors import ContextOverflowError, EdgeLoraError
@@ -70,6 +70,7 @@ class Model:
         self.llama = Llama(self.config, weights)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.config.context_length)
         self._engine = None
+        self._fingerprint = None
 
     # --- text <-> tokens -----------------------------------------------------------------------
 
@@ -93,13 +94,19 @@ class Model:
         `adapter`: the name of a loaded adapter, or a path to one (see generate)."""
         ids = self._check_ids(ids)
         name = self._adapter_name(adapter)
-        slot = -1 if name is None else self.engine.bank.slot(name)
-        cache = self.llama.new_cache(len(ids))
-        out = []
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            batch = Batch.single(ids[i:i + PREFILL_CHUNK], start=i, adapter=slot, all_logits=True)
-            lora = None if name is None else LoraBatch(self.engine.bank, batch.adapters)
-            out.append(self.llama.forward(batch, cache, lora))
+        pool = self.engine.pool
+        slot = -1 if name is None else pool.acquire(name)
+        try:
+            cache = self.llama.new_cache(len(ids))
+            out = []
+            for i in range(0, len(ids), PREFILL_CHUNK):
+                batch = Batch.single(ids[i:i + PREFILL_CHUNK], start=i, adapter=slot,
+                                     all_logits=True)
+                lora = None if name is None else LoraBatch(pool, batch.adapters)
+                out.append(self.llama.forward(batch, cache, lora))
+        finally:
+            if name is not None:
+                pool.release(name)
         return np.concatenate(out)
 
     def _check_ids(self, ids) -> np.ndarray:
@@ -128,12 +135,21 @@ class Model:
 
     def _adapter_name(self, adapter) -> str | None:
         """A loaded adapter's name, or a path to load (once) under its own path as name."""
-        if adapter is None or adapter in self.engine.bank:
+        if adapter is None or (isinstance(adapter, str) and adapter in self.engine.pool):
             return adapter
         name = str(adapter)
-        if name not in self.engine.bank:
+        if name not in self.engine.pool:
             self.engine.add_adapter(name, adapter)
         return name
+
+    @property
+    def fingerprint(self) -> str:
+        """The identity adapter stores record for this base model (adapters/store.py)."""
+        if self._fingerprint is None:
+            from edgelora_np.adapters.store import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self.path)
+        return self._fingerprint
 
     def prompt_ids(self, prompt, *, chat: bool = False) -> np.ndarray:
         """Token ids of a prompt: text, chat message(s) when chat=True, or ids already."""

@@ -132,7 +132,7 @@ def warm_forward(qtypes, n_threads: int | None = None) -> None:
     Sizes do not matter to Numba, only types, so this loads exactly the machine code the
     real model needs, in milliseconds once cached.
     """
-    from edgelora_np.adapters.bank import LoraBank, LoraBatch
+    from edgelora_np.adapters.pool import AdapterPool, LoraBatch
     from edgelora_np.model.batch import Batch
     from edgelora_np.model.config import LlamaConfig
     from edgelora_np.model.llama import Llama
@@ -154,14 +154,14 @@ def warm_forward(qtypes, n_threads: int | None = None) -> None:
                              (mat(2 * F, D),), mat(D, F))
         embd = mat(WARM_ROWS, D)
         llama = Llama(cfg, ModelWeights(embd, [layer], norm, embd, None))
-        bank = LoraBank(cfg, 1)
-        slot = bank.add("warm", adapter)
+        pool = AdapterPool(cfg, 1 << 20, max_slots=1)
+        slot = pool.add("warm", adapter)
         for lora_slot in (-1, slot):
             cache = llama.new_cache(64)
             prefill = Batch.single([1, 2, 3], adapter=lora_slot)
             decode = Batch.single([4], start=3, adapter=lora_slot)
             for batch in (prefill, decode):
-                lora = LoraBatch(bank, batch.adapters) if lora_slot >= 0 else None
+                lora = LoraBatch(pool, batch.adapters) if lora_slot >= 0 else None
                 llama.forward(batch, cache, lora)
 
 
@@ -171,7 +171,7 @@ class _TinyAdapter:
     def __init__(self, cfg, rng):
         from types import SimpleNamespace
 
-        from edgelora_np.adapters.bank import projection_groups
+        from edgelora_np.adapters.packed import projection_groups
 
         self.pairs = {}
         for group in projection_groups(cfg).values():

@@ -39,12 +39,12 @@ def test_batched_greedy_equals_alone_with_chunked_prefill(real_model):
 def test_each_request_keeps_its_own_adapter(real_model, adapters):
     engine = el.Engine(real_model, max_batch_tokens=64, max_seqs=8)
     for i, a in enumerate(adapters):
-        engine.bank.add(f"t{i}", a)
+        engine.pool.add(f"t{i}", a)
     jobs = [(p, f"t{i % 4}" if i % 5 else None) for i, p in enumerate(PROMPTS)]
     gens = [engine.submit(p, adapter=a, temperature=0.0, max_tokens=8) for p, a in jobs]
     ref_engine = el.Engine(real_model, max_seqs=1)
     for i, a in enumerate(adapters):
-        ref_engine.bank.add(f"t{i}", a)
+        ref_engine.pool.add(f"t{i}", a)
     for (prompt, adapter), gen in zip(jobs, gens):
         ref = ref_engine.submit(prompt, adapter=adapter, temperature=0.0, max_tokens=8).run()
         assert gen.run().token_ids == ref.token_ids, (prompt, adapter)
@@ -108,7 +108,7 @@ def test_requests_wait_for_kv_room_instead_of_failing(real_model):
 
 def test_background_thread_serves_concurrent_consumers(real_model, adapters):
     engine = el.Engine(real_model, max_seqs=8)
-    engine.bank.add("t0", adapters[0])
+    engine.pool.add("t0", adapters[0])
     engine.start()
     try:
         results = {}
@@ -132,11 +132,11 @@ def test_background_thread_serves_concurrent_consumers(real_model, adapters):
 
 def test_adapter_in_use_cannot_be_removed(real_model, adapters):
     engine = el.Engine(real_model, max_seqs=2)
-    engine.bank.add("t0", adapters[0])
+    engine.pool.add("t0", adapters[0])
     gen = engine.submit("Hi", adapter="t0", max_tokens=4, temperature=0.0)
     with pytest.raises(AdapterError, match="in use"):
         engine.remove_adapter("t0")
     gen.run()
     engine.remove_adapter("t0")
     assert engine.adapters == []
-    np.testing.assert_array_equal(engine.bank.arrays["qkv"].slot_nrows, 0)
+    np.testing.assert_array_equal(engine.pool.tables["qkv"].ranks, 0)

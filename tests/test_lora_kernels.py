@@ -1,4 +1,4 @@
-"""Batched multi-LoRA kernels (kernels/lora.py) against their NumPy reference, through the bank.
+"""Batched multi-LoRA kernels (kernels/lora.py) against their NumPy reference, through the pool.
 
 Sweeps what breaks such kernels: batch size, rank 1..64, odd widths, one vs many adapters,
 adapters of different ranks side by side, adapters that skip projections or layers, tokens with
@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgelora_np.adapters.bank import LoraBank, LoraBatch, projection_groups
+from edgelora_np.adapters.packed import pack, projection_groups
+from edgelora_np.adapters.pool import AdapterPool, LoraBatch
 from edgelora_np.errors import AdapterError, CapacityError
 from edgelora_np.kernels.lora import (
     lora_bgmv,
@@ -54,14 +55,18 @@ def group_out(cfg, group):
     return parts[-1][1] + parts[-1][2]
 
 
+def kernel_args(pool, group, layer):
+    t = pool.tables[group]
+    return (pool.arena16, pool.arena32, t.a_base[layer], t.b_base[layer], t.s_base[layer], t.ranks,
+            t.part_col0, t.part_width)
+
+
 def check_group(bank, group, layer, x, token_slot):
     cfg = bank.cfg
-    g = bank.arrays[group]
     y0 = np.random.default_rng(1).standard_normal((len(x), group_out(cfg, group)))
     y = y0.astype(np.float32)
     LoraBatch(bank, token_slot).apply(group, layer, x, y)
-    delta, bound = lora_delta_ref(x, token_slot, g.a[layer], g.b[layer], g.scale[layer], g.col0,
-                                  g.width, g.bstart, g.slot_row0, g.slot_nrows, y.shape[1],
+    delta, bound = lora_delta_ref(x, token_slot, *kernel_args(bank, group, layer), y.shape[1],
                                   with_bound=True)
     ref = y0.astype(np.float32) + delta
     assert np.all(np.abs(y - ref) <= bound + 1e-5 * (1 + np.abs(ref))), np.abs(y - ref).max()
@@ -73,7 +78,7 @@ def check_group(bank, group, layer, x, token_slot):
 def test_every_group_matches_reference(rank, n_tokens):
     cfg = odd_config()
     rng = np.random.default_rng(rank * 100 + n_tokens)
-    bank = LoraBank(cfg, max_slots=4)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=4)
     bank.add("a", random_adapter(cfg, rng, rank))
     bank.add("b", random_adapter(cfg, rng, max(1, rank // 2) + 1))
     token_slot = rng.integers(-1, 2, n_tokens).astype(np.int32)
@@ -86,12 +91,17 @@ def test_every_group_matches_reference(rank, n_tokens):
 def test_many_adapters_of_different_ranks_side_by_side():
     cfg = odd_config()
     rng = np.random.default_rng(7)
-    bank = LoraBank(cfg, max_slots=8)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=8)
     ranks = [1, 64, 3, 8, 32, 5]
+    sizes = []
     for i, r in enumerate(ranks):
-        bank.add(f"a{i}", random_adapter(cfg, rng, r))
-    # No padding to the largest rank: q|k|v holds 3 rows per rank unit of each adapter.
-    assert bank.arrays["qkv"].a.shape[1] == 3 * sum(ranks)
+        adapter = random_adapter(cfg, rng, r)
+        sizes.append(pack(adapter, cfg).nbytes)
+        bank.add(f"a{i}", adapter)
+    # No padding to the largest rank: q|k|v holds 3 rows per rank unit of each adapter, and
+    # the pool holds exactly the packed bytes (sections are 64-byte aligned, nothing more).
+    assert bank.tables["qkv"].ranks.sum() == 3 * sum(ranks)
+    assert bank.stats().bytes_resident == sum(sizes)
     x = rng.standard_normal((30, cfg.dim)).astype(np.float32)
     # Runs of equal slots (segments) and singletons (gathered) in one batch.
     token_slot = np.array([0] * 5 + [1] * 4 + [-1] * 3 + [2, 3, 4, 5, 0, -1, 5] + [4] * 11,
@@ -102,7 +112,7 @@ def test_many_adapters_of_different_ranks_side_by_side():
 def test_partial_adapters_rank_patterns_and_skipped_layers():
     cfg = odd_config(layers=3)
     rng = np.random.default_rng(3)
-    bank = LoraBank(cfg, max_slots=4)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=4)
     bank.add("q_only", random_adapter(cfg, rng, 4, projs={"attn_q"}))
     bank.add("layer1", random_adapter(cfg, rng, 6, layers=[1]))
     bank.add("pattern", random_adapter(cfg, rng, 0, rank_of=lambda layer, p: 1 + layer + len(p) % 3))
@@ -120,7 +130,7 @@ def test_partial_adapters_rank_patterns_and_skipped_layers():
 def test_tokens_without_adapter_and_empty_bank_are_untouched():
     cfg = odd_config()
     rng = np.random.default_rng(5)
-    bank = LoraBank(cfg, max_slots=2)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=2)
     x = rng.standard_normal((4, cfg.dim)).astype(np.float32)
     y = rng.standard_normal((4, group_out(cfg, "qkv"))).astype(np.float32)
     before = y.copy()
@@ -135,11 +145,10 @@ def test_segment_and_gather_kernels_agree_bit_for_bit():
     """A token's correction does not depend on which kernel computed it."""
     cfg = odd_config()
     rng = np.random.default_rng(11)
-    bank = LoraBank(cfg, max_slots=3)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=3)
     for i, r in enumerate([2, 9, 16]):
         bank.add(f"a{i}", random_adapter(cfg, rng, r))
-    g = bank.arrays["gate_up"]
-    args = (g.a[0], g.b[0], g.scale[0], g.col0, g.width, g.bstart, g.slot_row0, g.slot_nrows)
+    args = kernel_args(bank, "gate_up", 0)
     x = rng.standard_normal((37, cfg.dim)).astype(np.float32)
     token_slot = np.array([0] * 20 + [2] * 17, np.int32)
     y_gather = np.zeros((37, group_out(cfg, "gate_up")), np.float32)
@@ -157,19 +166,20 @@ def test_segments_of_slots():
     assert [len(a) for a in segments(np.zeros(0, np.int32))] == [0, 0, 0]
 
 
-def test_bank_slots_capacity_and_removal():
+def test_pool_slots_capacity_and_removal():
     cfg = odd_config()
     rng = np.random.default_rng(2)
-    bank = LoraBank(cfg, max_slots=2)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=2)
     assert bank.add("a", random_adapter(cfg, rng, 2)) == 0
     assert bank.add("b", random_adapter(cfg, rng, 5)) == 1
-    with pytest.raises(CapacityError, match="2 adapter slots"):
+    with pytest.raises(CapacityError, match="does not fit"):       # both slots hold sticky adapters
         bank.add("c", random_adapter(cfg, rng, 1))
     with pytest.raises(AdapterError, match="already loaded"):
         bank.add("a", random_adapter(cfg, rng, 1))
-    rows_b = bank.arrays["qkv"].slot_nrows[1]
+    ranks_b = bank.tables["qkv"].ranks[1].copy()
     bank.remove("a")
-    assert bank.names == ["b"] and bank.arrays["qkv"].a.shape[1] == rows_b
+    assert bank.names == ["b"] and bank.tables["qkv"].ranks[0].sum() == 0
+    np.testing.assert_array_equal(bank.tables["qkv"].ranks[1], ranks_b)
     assert bank.add("c", random_adapter(cfg, rng, 1)) == 0       # the freed slot is reused
-    with pytest.raises(AdapterError, match="'zzz' is not loaded"):
+    with pytest.raises(AdapterError, match="'zzz' is not resident"):
         bank.slot("zzz")

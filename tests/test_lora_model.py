@@ -16,7 +16,7 @@ from test_lora_kernels import random_adapter
 from tiny_model import TinySpec, write_tiny_model
 
 import edgelora_np as el
-from edgelora_np.adapters.bank import LoraBank, LoraBatch
+from edgelora_np.adapters.pool import AdapterPool, LoraBatch
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.reference import reference_logits
 
@@ -53,7 +53,7 @@ def test_on_the_fly_lora_equals_merged_dense_weights(tiny, rank):
     adapter = random_adapter(model.config, rng, rank)
     for pair in adapter.pairs.values():            # moderate strength: visible, not chaotic
         pair.a *= 0.5
-    bank = LoraBank(model.config, 2)
+    bank = AdapterPool(model.config, 1 << 30, max_slots=2)
     slot = bank.add("a", adapter)
     ids = rng.integers(3, model.config.vocab_size, 24)
     ours = logits_with(model, ids, bank, slot)
@@ -84,7 +84,7 @@ def smollm_adapters(cfg, n):
 def test_mixed_batch_equals_each_sequence_alone(real_model):
     cfg = real_model.config
     adapters = smollm_adapters(cfg, 9)
-    bank = LoraBank(cfg, 16)
+    bank = AdapterPool(cfg, 1 << 30, max_slots=16)
     slots = [bank.add(f"t{i}", a) for i, a in enumerate(adapters)]
     rng = np.random.default_rng(5)
     prompts = [rng.integers(100, 20000, n).astype(np.int32) for n in (5, 9, 1, 13, 7, 3, 11, 6, 4)]
@@ -122,7 +122,7 @@ def test_adapter_moves_logits_and_scale_zero_is_base(real_model):
         pair.b *= 30.0
     zero = SimpleNamespace(pairs={k: SimpleNamespace(a=p.a, b=p.b, scale=0.0)
                                   for k, p in adapter.pairs.items()})
-    bank = LoraBank(cfg, 4)
+    bank = AdapterPool(cfg, 1 << 30, max_slots=4)
     on, off = bank.add("on", adapter), bank.add("zero", zero)
     ids = real_model.tokenize("The quick brown fox jumps over the lazy dog because")
     base = real_model.logits(ids)

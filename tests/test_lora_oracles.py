@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgelora_np.adapters.bank import LoraBank, LoraBatch
 from edgelora_np.adapters.formats import load_adapter, permute_qk_rows
+from edgelora_np.adapters.pool import AdapterPool, LoraBatch
 from edgelora_np.model.batch import Batch
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def change_correlation(ours, ours_base, theirs, theirs_base):
 
 
 def logits_with_adapter(model, ids, adapter):
-    bank = LoraBank(model.config, 1)
+    bank = AdapterPool(model.config, 1 << 30, max_slots=1)
     slot = bank.add("a", adapter)
     batch = Batch.single(ids, adapter=slot, all_logits=True)
     return model.llama.forward(batch, model.llama.new_cache(len(ids)), LoraBatch(bank, batch.adapters))

@@ -14,8 +14,20 @@ Requests are checked when submitted (adapter known, parameters valid, prompt fit
 request is refused alone and never reaches a batch. Admission reserves KV room for the whole
 request (prompt + max_tokens), so a running sequence never runs out of cache.
 
+Adapters come from two places. `add_adapter(name, path)` loads a PEFT directory or GGUF-LoRA
+file into the pool for good (it has no other copy). With `store=DIR` (adapters/store.py), every
+adapter of the store can be requested by name; the pool (adapters/pool.py) keeps the hot ones
+within `adapter_pool_mb`, loading on demand and evicting unpinned ones. A sequence pins its
+adapter from admission to retirement. A request whose adapter cannot be made resident because
+the pool is full of pinned adapters waits in the queue; while it waits, requests behind it may
+run only with adapters already pinned, so the pins drain and it gets its turn.
+
 Steps run on a background thread once `start()` is called (the server does this); otherwise
 iterating a Generation drives the steps itself, which keeps tests and scripts single-threaded.
+With the background thread, a second one prefetches: it loads the adapters of queued requests
+into the pool ahead of their turn, and admission never reads the disk while sequences are
+decoding (it admits requests whose adapters are resident, and leaves the rest to the
+prefetcher). Without it, admission loads adapters itself.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgelora_np.adapters.bank import LoraBank, LoraBatch
+from edgelora_np.adapters.pool import AdapterPool, LoraBatch, PoolFullError, PoolStats
 from edgelora_np.errors import AdapterError, CapacityError, ContextOverflowError, EdgeLoraError
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.kv_cache import PAGE_SIZE
@@ -88,7 +100,7 @@ class Generation:
 class _Sequence:
     seq_id: int
     prompt: np.ndarray               # [n] int32
-    slot: int                        # adapter slot, -1 = base model
+    adapter: str | None              # its adapter's name; None = base model
     params: SamplingParams
     gen: Generation
     sampler: Sampler
@@ -98,12 +110,15 @@ class _Sequence:
     reserved: int = 0                # KV positions promised to it at admission (whole pages)
     n_cached: int = 0                # positions already in the KV cache
     next_token: int | None = None    # sampled, not yet fed back
+    slot: int = -1                   # adapter slot in the pool, pinned while running
     started: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
     def __init__(self, model, *, max_batch_tokens: int = 256, max_seqs: int = 16,
-                 kv_tokens: int | None = None, max_adapters: int = 64):
+                 kv_tokens: int | None = None, max_adapters: int = 64,
+                 adapter_pool_mb: float = 256, store=None, policy: str = "lru",
+                 prefetch: bool = True):
         if max_batch_tokens < 1 or max_seqs < 1:
             raise EdgeLoraError("max_batch_tokens and max_seqs must be at least 1")
         self.model = model
@@ -111,7 +126,11 @@ class Engine:
         self.max_seqs = max_seqs
         self.cache = model.llama.new_cache(kv_tokens or max(model.n_ctx, max_seqs * PAGE_SIZE),
                                            max_seq_len=model.n_ctx)
-        self.bank = LoraBank(model.config, max_adapters)
+        self.pool = AdapterPool(model.config, int(adapter_pool_mb * 2**20), max_slots=max_adapters,
+                                policy=policy)
+        self.store = None
+        self._catalog: dict = {}                 # store adapters by name (index rows)
+        self._load_errors: dict[str, AdapterError] = {}
         self._adapter_users: dict[str, int] = {}
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -121,27 +140,76 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop_thread = False
+        self._prefetch = prefetch
+        self._prefetcher: threading.Thread | None = None
+        self._prefetch_wake = threading.Event()
+        if store is not None:
+            self.open_store(store)
 
     # --- adapters ----------------------------------------------------------------------------
 
     def add_adapter(self, name: str, path, *, scale: float = 1.0) -> None:
-        """Load a PEFT directory or GGUF-LoRA file and make it resident under `name`."""
+        """Load a PEFT directory or GGUF-LoRA file into the pool, resident until removed."""
         from edgelora_np.adapters.formats import load_adapter
+        from edgelora_np.adapters.packed import pack
 
         adapter = load_adapter(path, self.model.config, scale=scale, name=name)
         with self._lock:
-            self.bank.add(name, adapter)
+            if name in self._catalog:
+                raise AdapterError(f"an adapter named {name!r} is already in the store")
+            self.pool.add(name, pack(adapter, self.model.config))
+
+    def open_store(self, store) -> None:
+        """Serve the adapters of an adapter store (a directory or an AdapterStore) by name."""
+        from edgelora_np.adapters.store import AdapterStore
+
+        self.store = store if isinstance(store, AdapterStore) else AdapterStore(store)
+        self.refresh_store()
+
+    def refresh_store(self) -> None:
+        """Re-read the store's index (after adapters were imported or removed)."""
+        rows = {r.name: r for r in self.store.rows()}
+        with self._lock:
+            clash = sorted(set(rows) & set(self.pool.names) - set(self._catalog))
+            if clash:
+                raise AdapterError(f"store adapter(s) {clash} clash with adapters added by path")
+            self._catalog = rows
 
     def remove_adapter(self, name: str) -> None:
+        """Stop serving `name` (a store adapter stays in the store)."""
         with self._lock:
             if self._adapter_users.get(name, 0):
                 raise AdapterError(f"adapter {name!r} is in use by "
                                    f"{self._adapter_users[name]} running request(s)")
-            self.bank.remove(name)
+            if name not in self._catalog and name not in self.pool:
+                raise AdapterError(f"adapter {name!r} is not loaded")
+            self._catalog.pop(name, None)
+            if name in self.pool:
+                self.pool.remove(name)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._catalog or name in self.pool
 
     @property
     def adapters(self) -> list[str]:
-        return self.bank.names
+        return sorted(set(self._catalog) | set(self.pool.names))
+
+    def adapter_stats(self) -> PoolStats:
+        """The pool's counters: hits, misses, loads, evictions, bytes resident/pinned, latency."""
+        return self.pool.stats()
+
+    def _check_adapter(self, name: str) -> None:
+        if name in self.pool and name not in self._catalog:
+            return
+        row = self._catalog.get(name)
+        if row is None:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        if row.fingerprint != self.model.fingerprint:
+            raise AdapterError(f"adapter {name!r} was imported for another base model "
+                               f"({row.fingerprint}); this engine serves {self.model.fingerprint}")
+
+    def _record(self, name: str):
+        return self.store.record(name, self._catalog[name])
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -158,16 +226,19 @@ class Engine:
             raise CapacityError(f"request needs {budget} KV positions, the cache holds "
                                 f"{self.cache.n_pages * PAGE_SIZE}")
         with self._lock:
-            slot = -1 if adapter is None else self.bank.slot(adapter)
+            if adapter is not None:
+                self._check_adapter(adapter)
+                self.pool.access(adapter)
             gen = Generation(prompt_tokens=len(ids), adapter=adapter, _engine=self)
             sampler = Sampler(params)
             sampler.accept_many(ids.tolist())
-            seq = _Sequence(next(self._ids), ids, slot, params, gen, sampler,
+            seq = _Sequence(next(self._ids), ids, adapter, params, gen, sampler,
                             StreamDecoder(self.model.tokenizer), StopMatcher(params.stop), budget)
             if adapter is not None:
                 self._adapter_users[adapter] = self._adapter_users.get(adapter, 0) + 1
             self._waiting.append(seq)
         self._wake.set()
+        self._prefetch_wake.set()
         return gen
 
     @property
@@ -187,7 +258,7 @@ class Engine:
             rows, plan = self._plan()
             batch = Batch(*(np.array(c, np.int32) for c in zip(*rows)),
                           logit_rows=np.array([r for r, _ in plan], np.int32))
-            lora = LoraBatch(self.bank, batch.adapters) if self.bank.names else None
+            lora = LoraBatch(self.pool, batch.adapters) if (batch.adapters >= 0).any() else None
             t0 = time.perf_counter()
             try:
                 logits = self.model.llama.forward(batch, self.cache, lora)
@@ -270,9 +341,11 @@ class Engine:
             self._reserved -= seq.reserved
         elif seq in self._waiting:
             self._waiting.remove(seq)
-        name = seq.gen.adapter
-        if name is not None:
-            self._adapter_users[name] -= 1
+        if seq.slot >= 0:
+            self.pool.release(seq.adapter)
+            seq.slot = -1
+        if seq.adapter is not None:
+            self._adapter_users[seq.adapter] -= 1
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in (*self._running, *self._waiting) if s.gen._cancelled]:
@@ -282,16 +355,73 @@ class Engine:
             gen._events.put(_DONE)
 
     def _admit(self) -> None:
+        """Move waiting requests into the batch, in order, while KV room and slots last.
+
+        A request needs its adapter pinned in the pool first. If it is not resident: with the
+        prefetcher running and sequences decoding, it waits for the prefetcher (no step stalls
+        on disk); otherwise admission loads it here. If the pool cannot make room (all pinned),
+        the request waits, and requests behind it are admitted only with adapters that are
+        already pinned, so the pinned set can only shrink until it fits."""
         capacity = self.cache.n_pages * PAGE_SIZE
-        while self._waiting and len(self._running) < self.max_seqs:
-            seq = self._waiting[0]
+        pool_blocked = False
+        for seq in list(self._waiting):
+            if len(self._running) >= self.max_seqs:
+                break
             need = -(-seq.budget // PAGE_SIZE) * PAGE_SIZE
             if self._reserved + need > capacity:
                 break
-            self._waiting.popleft()
+            name = seq.adapter
+            if name is not None:
+                error = self._load_errors.pop(name, None)
+                if error is not None:
+                    self._finish(seq, "error", error)
+                    continue
+                if name in self.pool:
+                    if pool_blocked and not self.pool.pins(name):
+                        continue
+                    seq.slot = self.pool.acquire(name)
+                elif pool_blocked or (self._running and self._prefetcher is not None):
+                    self._prefetch_wake.set()
+                    continue
+                else:
+                    try:
+                        seq.slot = self.pool.acquire(name, self._record(name))
+                    except PoolFullError as e:
+                        if not self._running:       # nothing will unpin: it can never fit
+                            self._finish(seq, "error", e)
+                            continue
+                        pool_blocked = True
+                        continue
+                    except AdapterError as e:
+                        self._finish(seq, "error", e)
+                        continue
+            self._waiting.remove(seq)
             self._reserved += need
             seq.reserved = need
             self._running.append(seq)
+
+    def _prefetch_loop(self) -> None:
+        """Load the adapters of queued requests, in queue order, before admission needs them."""
+        while not self._stop_thread:
+            self._prefetch_wake.wait(0.05)
+            self._prefetch_wake.clear()
+            with self._lock:
+                wanted = list(dict.fromkeys(s.adapter for s in self._waiting if s.adapter))
+            wanted = wanted[:2 * self.max_seqs]
+            for i, name in enumerate(wanted):
+                if self._stop_thread or name in self.pool or name in self._load_errors \
+                        or name not in self._catalog:
+                    continue
+                try:
+                    loaded = self.pool.prefetch(name, self._record(name), protect=wanted[:i])
+                except AdapterError as e:
+                    self._load_errors[name] = e
+                    loaded = True
+                except KeyError:                    # removed meanwhile
+                    continue
+                if not loaded:
+                    break                           # full: later names would not fit either
+                self._wake.set()
 
     # --- background thread -------------------------------------------------------------------
 
@@ -305,14 +435,20 @@ class Engine:
             return
         self._stop_thread = False
         self._thread = threading.Thread(target=self._loop, name="edgelora-engine", daemon=True)
+        if self._prefetch and self.store is not None:
+            self._prefetcher = threading.Thread(target=self._prefetch_loop,
+                                                name="edgelora-prefetch", daemon=True)
+            self._prefetcher.start()
         self._thread.start()
 
     def close(self) -> None:
         self._stop_thread = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._prefetch_wake.set()
+        for t in (self._thread, self._prefetcher):
+            if t is not None:
+                t.join()
+        self._thread = self._prefetcher = None
 
     def _loop(self) -> None:
         while not self._stop_thread:

@@ -3,20 +3,21 @@
     y[b] += scale_a * B_a @ (A_a @ x[b])        a = the adapter of token b (-1: nothing)
 
 The base projection y = x @ W.T has already run for the whole batch. These kernels add the
-low-rank corrections: "shrink" (t = A_a x, R values per token) then "expand" (y += t B_a).
+low-rank corrections: "shrink" (t = A_a x, r values per token) then "expand" (y += t B_a).
 
-All resident adapters of one projection group share flat arrays (an adapter bank, see
-adapters/bank.py); adapters of different ranks sit side by side, none padded to the largest.
-A group is the projections that read the same input and write one output matrix:
-q|k|v, o, gate|up, down. Each *rank row* j of the bank knows where its expansion lands:
-    a     [R, K]  uint16 fp16 bits    row j of some adapter's A (the input side)
-    b     [P]     uint16 fp16 bits    pool of B columns; row j owns b[bstart[j] : +width[j]]
-    scale [R]     float32             alpha / r x user scale for row j's adapter and projection
-    col0  [R]     int32               first output column of row j's projection in y
-    width [R]     int32               that projection's output width
-    bstart[R]     int64               where row j's B values start in the pool
-    slot_row0 / slot_nrows [S]        the rows of each adapter slot
-Adding a rank-r adapter on q, k and v adds 3r rows; nothing else changes shape.
+Resident adapters live in one byte arena (adapters/pool.py), each in its own extent, in the
+layout adapters/packed.py writes to disk; the kernels read them where they lie. Per projection
+group (the projections that read the same input and write one output matrix: q|k|v, o,
+gate|up, down) and per layer, a slot table says where slot s's sections start:
+    arena16  [n]     uint16 view of the arena (fp16 bits)
+    arena32  [n/2]   float32 view of the same bytes
+    a_base   [S]     int64  arena16 index of slot s's A rows: [R_s, K], row after row
+    b_base   [S]     int64  arena16 index of its B values: per part p, r_p rows of width_p
+    s_base   [S]     int64  arena32 index of its per-row scales (alpha / r x user scale)
+    ranks    [S, P]  int32  rank of each part (q, k, v ...) for slot s; 0 = not adapted
+    part_col0 / part_width [P]   where part p writes in the group's output y
+Row j of the slot's A is a rank row; rows are ordered by part, so adapters of different ranks
+sit side by side, none padded to the largest.
 
 Two kernels share this layout:
   bgmv  (decode: tokens of many adapters)   one token at a time, each reading its own rows
@@ -35,19 +36,19 @@ SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def _shrink(a_row, xr_row):
-    """t = a . x for one rank row: fp16 bits times float32, vectorized (reassociated sum)."""
+def _shrink(arena16, start, xr_row):
+    """t = a . x for one rank row (fp16 bits at arena16[start:]) times float32, vectorized."""
     acc = np.float32(0.0)
     for k in range(xr_row.shape[0]):
-        acc += f16_to_f32(a_row[k]) * xr_row[k]
+        acc += f16_to_f32(arena16[start + k]) * xr_row[k]
     return acc
 
 
 @njit(cache=True)
-def _expand(y_row, t, b, start, width):
+def _expand(y_row, t, arena16, start, width):
     """y += t * b[start:start+width] (fp16 bits), one rank row into its projection's columns."""
     for c in range(width):
-        y_row[c] += t * f16_to_f32(b[start + c])
+        y_row[c] += t * f16_to_f32(arena16[start + c])
 
 
 @njit(cache=True)
@@ -56,60 +57,81 @@ def _round_row(x_row, out):
         out[k] = round_to_f16(x_row[k])
 
 
+@njit(cache=True)
+def _n_rows(ranks, s):
+    n = 0
+    for p in range(ranks.shape[1]):
+        n += ranks[s, p]
+    return n
+
+
 @njit(parallel=True, cache=True)
-def lora_bgmv(x, y, token_slot, a, b, scale, col0, width, bstart, slot_row0, slot_nrows):
+def lora_bgmv(x, y, token_slot, arena16, arena32, a_base, b_base, s_base, ranks, part_col0,
+              part_width):
     """x [B, K], y [B, N] updated in place; token_slot [B] int32 (-1 = no adapter)."""
     B, K = x.shape
     for i in prange(B):
         s = token_slot[i]
-        if s < 0 or slot_nrows[s] == 0:
+        if s < 0 or _n_rows(ranks, s) == 0:
             continue
         xr = np.empty(K, np.float32)
         _round_row(x[i], xr)
-        for j in range(slot_row0[s], slot_row0[s] + slot_nrows[s]):
-            t = round_to_f16(_shrink(a[j], xr)) * scale[j]
-            _expand(y[i, col0[j]:], t, b, bstart[j], width[j])
+        row = 0
+        b_at = b_base[s]
+        for p in range(ranks.shape[1]):
+            c0, w = part_col0[p], part_width[p]
+            for _ in range(ranks[s, p]):
+                t = round_to_f16(_shrink(arena16, a_base[s] + row * K, xr)) * arena32[s_base[s] + row]
+                _expand(y[i, c0:], t, arena16, b_at, w)
+                row += 1
+                b_at += w
 
 
 @njit(parallel=True, cache=True)
-def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, a, b, scale, col0, width, bstart, slot_row0,
-              slot_nrows):
-    """Segments: tokens seg_begin[s]..seg_end[s]-1 all use adapter slot seg_slot[s].
+def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, arena16, arena32, a_base, b_base, s_base, ranks,
+              part_col0, part_width):
+    """Segments: tokens seg_begin[g]..seg_end[g]-1 all use adapter slot seg_slot[g].
 
     Work items are (segment, chunk of SEGMENT_CHUNK tokens); within one, each rank row's B
     values are widened to float32 once and reused by every token of the chunk. Per token, the
     arithmetic is the gather kernel's, so both give the same bits.
     """
+    K = x.shape[1]
     n_seg = seg_slot.shape[0]
     n_chunks = np.zeros(n_seg + 1, np.int64)
-    for s in range(n_seg):
-        n_tok = seg_end[s] - seg_begin[s]
-        n_chunks[s + 1] = n_chunks[s] + (n_tok + SEGMENT_CHUNK - 1) // SEGMENT_CHUNK
+    for g in range(n_seg):
+        n_tok = seg_end[g] - seg_begin[g]
+        n_chunks[g + 1] = n_chunks[g] + (n_tok + SEGMENT_CHUNK - 1) // SEGMENT_CHUNK
     for item in prange(n_chunks[n_seg]):
-        s = 0
-        while n_chunks[s + 1] <= item:
-            s += 1
-        slot = seg_slot[s]
-        if slot < 0 or slot_nrows[slot] == 0:
+        g = 0
+        while n_chunks[g + 1] <= item:
+            g += 1
+        s = seg_slot[g]
+        if s < 0 or _n_rows(ranks, s) == 0:
             continue
-        t0 = seg_begin[s] + (item - n_chunks[s]) * SEGMENT_CHUNK
-        t1 = min(t0 + SEGMENT_CHUNK, seg_end[s])
-        xr = np.empty((t1 - t0, x.shape[1]), np.float32)
+        t0 = seg_begin[g] + (item - n_chunks[g]) * SEGMENT_CHUNK
+        t1 = min(t0 + SEGMENT_CHUNK, seg_end[g])
+        xr = np.empty((t1 - t0, K), np.float32)
         for i in range(t0, t1):
             _round_row(x[i], xr[i - t0])
         t = np.empty(t1 - t0, np.float32)
-        for j in range(slot_row0[slot], slot_row0[slot] + slot_nrows[slot]):
-            for i in range(t0, t1):
-                t[i - t0] = round_to_f16(_shrink(a[j], xr[i - t0])) * scale[j]
-            c0 = col0[j]
-            w = width[j]
+        row = 0
+        b_at = b_base[s]
+        for p in range(ranks.shape[1]):
+            c0, w = part_col0[p], part_width[p]
             brow = np.empty(w, np.float32)
-            for c in range(w):
-                brow[c] = f16_to_f32(b[bstart[j] + c])
-            for i in range(t0, t1):
-                ti = t[i - t0]
+            for _ in range(ranks[s, p]):
+                scale = arena32[s_base[s] + row]
+                for i in range(t0, t1):
+                    t[i - t0] = round_to_f16(_shrink(arena16, a_base[s] + row * K, xr[i - t0])) * scale
                 for c in range(w):
-                    y[i, c0 + c] += ti * brow[c]
+                    brow[c] = f16_to_f32(arena16[b_at + c])
+                for i in range(t0, t1):
+                    ti = t[i - t0]
+                    for c in range(w):
+                        y[i, c0 + c] += ti * brow[c]
+                row += 1
+                b_at += w
 
 
 def segments(token_slot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,26 +148,31 @@ def segments(token_slot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 # ---------------------------------------------------------------------------------------------
 # NumPy reference: per token, the dense low-rank product of its adapter's matrices.
 
-def lora_delta_ref(x, token_slot, a, b, scale, col0, width, bstart, slot_row0, slot_nrows,
-                   n_out, with_bound=False):
-    """The correction these kernels add to y [B, n_out], written row by row of the bank.
+def lora_delta_ref(x, token_slot, arena16, arena32, a_base, b_base, s_base, ranks, part_col0,
+                   part_width, n_out, with_bound=False):
+    """The correction these kernels add to y [B, n_out], as dense matrices per adapter part.
 
     With `with_bound`, also the largest difference float summation order can make: t is
     rounded to fp16, so a different order may land one fp16 step (2**-10 |t|) away.
     """
-    B = x.shape[0]
+    B, K = x.shape
     delta = np.zeros((B, n_out), np.float64)
     bound = np.zeros((B, n_out), np.float64)
     xr = x.astype(np.float16).astype(np.float32)
-    af = a.view(np.float16).astype(np.float32)
-    bf = b.view(np.float16).astype(np.float32)
     for i in range(B):
         s = token_slot[i]
         if s < 0:
             continue
-        for j in range(slot_row0[s], slot_row0[s] + slot_nrows[s]):
-            t = np.float32(af[j] @ xr[i]).astype(np.float16).astype(np.float32) * scale[j]
-            bj = bf[bstart[j]:bstart[j] + width[j]]
-            delta[i, col0[j]:col0[j] + width[j]] += t * bj
-            bound[i, col0[j]:col0[j] + width[j]] += 2.0**-10 * abs(t) * np.abs(bj)
+        row, b_at = 0, int(b_base[s])
+        for p in range(ranks.shape[1]):
+            r, c0, w = int(ranks[s, p]), int(part_col0[p]), int(part_width[p])
+            a0 = int(a_base[s]) + row * K
+            A = arena16[a0:a0 + r * K].view(np.float16).astype(np.float32).reshape(r, K)
+            Bm = arena16[b_at:b_at + r * w].view(np.float16).astype(np.float32).reshape(r, w)
+            scale = arena32[int(s_base[s]) + row:int(s_base[s]) + row + r]
+            t = (A @ xr[i]).astype(np.float16).astype(np.float32) * scale           # [r]
+            delta[i, c0:c0 + w] += t @ Bm
+            bound[i, c0:c0 + w] += 2.0**-10 * np.abs(t) @ np.abs(Bm)
+            row += r
+            b_at += r * w
     return (delta, bound) if with_bound else delta

@@ -1,0 +1,148 @@
+"""An adapter in the engine's own layout: one flat byte payload the LoRA kernels read in place.
+
+`pack(adapter, cfg)` turns a loaded adapter (adapters/formats.py: PEFT or GGUF-LoRA, already
+permuted to GGUF row order) into a PackedAdapter. Its payload is what the adapter store writes
+to disk and what the pool copies, unchanged, into its arena: a cold load is one memcpy.
+
+Per projection group g (q|k|v, o, gate|up, down; see `projection_groups`) with rank r_p for
+each part p (its largest rank over the layers; layers it does not adapt get zero rows), the
+payload holds three sections, each starting on a 64-byte boundary:
+    A  [L, R, K]   fp16 bits     R = sum of r_p; row j of layer l is a rank row of A
+    B  [L, Pb]     fp16 bits     per part p, r_p rows of that projection's width, concatenated
+    S  [L, R]      float32       per-row scale: alpha / r x the user's scale (0: not adapted)
+Groups the adapter does not touch take no bytes. The layout of one adapter is described by
+its `groups` map (ranks and section offsets), which the store keeps in the file's header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgelora_np.errors import AdapterError
+from edgelora_np.model.config import LlamaConfig
+
+ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Group:
+    """Projections sharing one input, with their output column ranges in the group's output."""
+
+    name: str
+    n_in: int
+    parts: tuple[tuple[str, int, int], ...]    # (projection, first column, width)
+
+    @property
+    def n_out(self) -> int:
+        return self.parts[-1][1] + self.parts[-1][2]
+
+
+def projection_groups(cfg: LlamaConfig) -> dict[str, Group]:
+    D, KVD, F = cfg.dim, cfg.kv_dim, cfg.ffn_dim
+    return {g.name: g for g in (
+        Group("qkv", D, (("attn_q", 0, D), ("attn_k", D, KVD), ("attn_v", D + KVD, KVD))),
+        Group("o", D, (("attn_output", 0, D),)),
+        Group("gate_up", D, (("ffn_gate", 0, F), ("ffn_up", F, F))),
+        Group("down", F, (("ffn_down", 0, D),)),
+    )}
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where one group's sections sit in a payload (byte offsets) and the rank of each part."""
+
+    ranks: tuple[int, ...]
+    a: int
+    b: int
+    s: int
+
+    @property
+    def rows(self) -> int:
+        return sum(self.ranks)
+
+    def to_json(self) -> dict:
+        return {"ranks": list(self.ranks), "a": self.a, "b": self.b, "s": self.s}
+
+    @classmethod
+    def from_json(cls, d: dict) -> GroupLayout:
+        return cls(tuple(int(r) for r in d["ranks"]), int(d["a"]), int(d["b"]), int(d["s"]))
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def layout_for(cfg: LlamaConfig, ranks: dict[str, tuple[int, ...]]) -> tuple[dict[str, GroupLayout], int]:
+    """Section offsets for the given ranks per group; returns (layouts, payload bytes)."""
+    L, groups, at, out = cfg.n_layers, projection_groups(cfg), 0, {}
+    for name, g in groups.items():
+        r = tuple(ranks.get(name, (0,) * len(g.parts)))
+        if len(r) != len(g.parts) or any(x < 0 for x in r):
+            raise AdapterError(f"ranks {r} do not fit projection group {name!r} ({len(g.parts)} parts)")
+        if sum(r) == 0:
+            continue
+        R = sum(r)
+        pb = sum(rp * w for rp, (_, _, w) in zip(r, g.parts))
+        a = at
+        b = _align(a + 2 * L * R * g.n_in)
+        s = _align(b + 2 * L * pb)
+        at = _align(s + 4 * L * R)
+        out[name] = GroupLayout(r, a, b, s)
+    return out, at
+
+
+@dataclass(frozen=True)
+class PackedAdapter:
+    groups: dict[str, GroupLayout]
+    payload: np.ndarray                # uint8, a multiple of ALIGN bytes
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.payload.nbytes)
+
+    def copy_into(self, dst: np.ndarray) -> None:
+        dst[:] = self.payload
+
+    def ranks(self) -> dict[str, list[int]]:
+        return {name: list(g.ranks) for name, g in self.groups.items()}
+
+    def sections(self, cfg: LlamaConfig, group: str):
+        """(A [L, R, K] uint16, B [L, Pb] uint16, S [L, R] float32) views of one group."""
+        g, lay, L = projection_groups(cfg)[group], self.groups[group], cfg.n_layers
+        R = lay.rows
+        pb = sum(r * w for r, (_, _, w) in zip(lay.ranks, g.parts))
+        p = self.payload
+        a = p[lay.a:lay.a + 2 * L * R * g.n_in].view(np.uint16).reshape(L, R, g.n_in)
+        b = p[lay.b:lay.b + 2 * L * pb].view(np.uint16).reshape(L, pb)
+        s = p[lay.s:lay.s + 4 * L * R].view(np.float32).reshape(L, R)
+        return a, b, s
+
+
+def pack(adapter, cfg: LlamaConfig) -> PackedAdapter:
+    """Lay out a loaded adapter (its `pairs` {(layer, proj): a [r, in], b [out, r], scale})."""
+    groups = projection_groups(cfg)
+    ranks = {}
+    for name, g in groups.items():
+        ranks[name] = tuple(max((pair.a.shape[0] for (_, proj), pair in adapter.pairs.items()
+                                 if proj == part), default=0) for part, _, _ in g.parts)
+    layouts, n_bytes = layout_for(cfg, ranks)
+    packed = PackedAdapter(layouts, np.zeros(n_bytes, np.uint8))
+    for name, lay in layouts.items():
+        a, b, s = packed.sections(cfg, name)
+        row, col = 0, 0
+        for r_max, (proj, _, w) in zip(lay.ranks, groups[name].parts):
+            for layer in range(cfg.n_layers):
+                pair = adapter.pairs.get((layer, proj))
+                if pair is None:
+                    continue
+                r = pair.a.shape[0]
+                a[layer, row:row + r] = np.asarray(pair.a, np.float32).astype(np.float16).view(np.uint16)
+                s[layer, row:row + r] = pair.scale
+                rows_b = np.asarray(pair.b, np.float32).T.astype(np.float16)           # [r, w]
+                b[layer, col:col + r * w] = rows_b.reshape(-1).view(np.uint16)
+            row += r_max
+            col += r_max * w
+    packed.payload.flags.writeable = False
+    return packed
