@@ -378,9 +378,6 @@ def warmup(model_path, threads, ctx):
                f"loaded from cache {loaded}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ----------------------------------------------------------------------------------------------
 # adapters
@@ -390,19 +387,122 @@ def adapters():
     """LoRA adapters: PEFT directories and GGUF-LoRA files."""
 
 
-@adapters.command("inspect")
-@click.argument("adapter_path", metavar="PATH")
-@click.option("--model", "model_path", default=None, metavar="PATH",
-              help="Base model to check the adapter against [default: the embedded model].")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def adapters_inspect(adapter_path, model_path, as_json):
-    """Load PATH against the base model's shapes and describe it."""
-    from edgelora_np.adapters.formats import load_adapter
+STORE_OPTION = click.option(
+    "--store", "store_dir", envvar="EDGELORA_STORE", metavar="DIR",
+    help="Adapter store directory [env: EDGELORA_STORE].")
+
+
+def _open_store(store_dir, create=False):
+    from edgelora_np.adapters.store import AdapterStore
+
+    if not store_dir:
+        raise click.UsageError("give --store DIR (or set EDGELORA_STORE)")
+    return AdapterStore(store_dir, create=create)
+
+
+def _base_config(model_path):
+    """The base model's config and fingerprint, from its GGUF header (no weights loaded)."""
+    from edgelora_np.adapters.store import model_fingerprint
     from edgelora_np.default_model import resolve_model_path
     from edgelora_np.gguf.reader import open_gguf
     from edgelora_np.model.config import config_from_gguf
 
-    cfg = config_from_gguf(open_gguf(resolve_model_path(model_path)))
+    path = resolve_model_path(model_path)
+    return config_from_gguf(open_gguf(path)), model_fingerprint(path)
+
+
+@adapters.command("import")
+@click.argument("sources", nargs=-1, required=True, metavar="SRC...")
+@STORE_OPTION
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="Base model the adapters are for [default: the embedded model].")
+@click.option("--name", default=None, help="Store name (one SRC only) [default: its file name].")
+@click.option("--scale", default=1.0, show_default=True, type=float,
+              help="Scale baked into the stored adapter.")
+@click.option("--description", default=None, help="Adapter card description (overrides card.json).")
+@click.option("--keyword", "keywords", multiple=True, help="Adapter card keyword (repeatable).")
+@click.option("--force", is_flag=True, help="Re-import even when the source is unchanged.")
+def adapters_import(sources, store_dir, model_path, name, scale, description, keywords, force):
+    """Convert PEFT directories / GGUF-LoRA files into the store, once.
+
+    Idempotent: a source already imported unchanged is skipped, so an interrupted import of
+    thousands of adapters is simply run again. A source that fails is reported and skipped;
+    the exit code is 2 if any failed."""
+    from edgelora_np.errors import EdgeLoraError
+
+    if name and len(sources) > 1:
+        raise click.UsageError("--name needs exactly one SRC")
+    store = _open_store(store_dir, create=True)
+    store.clean()
+    cfg, fingerprint = _base_config(model_path)
+    card = {}
+    if description is not None:
+        card["description"] = description
+    if keywords:
+        card["keywords"] = list(keywords)
+    counts = {"imported": 0, "unchanged": 0, "failed": 0}
+    with click.progressbar(sources, label="importing", file=sys.stderr,
+                           show_pos=True, item_show_func=lambda s: s and os.path.basename(s)) as bar:
+        for src in bar:
+            try:
+                counts[store.import_adapter(src, cfg, fingerprint, name=name, scale=scale,
+                                            card=card, force=force)] += 1
+            except EdgeLoraError as e:
+                counts["failed"] += 1
+                _error(str(e))
+    _status(f"{counts['imported']} imported, {counts['unchanged']} unchanged, "
+            f"{counts['failed']} failed; the store holds {len(store)} adapter(s)")
+    return EXIT_USAGE if counts["failed"] else 0
+
+
+@adapters.command("list")
+@STORE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def adapters_list(store_dir, as_json):
+    """The adapters in the store: name, size, ranks, description."""
+    for row in _open_store(store_dir).rows():
+        if as_json:
+            click.echo(json.dumps(row.to_json()))
+            continue
+        ranks = " ".join(f"{g}:{'/'.join(map(str, r))}" for g, r in row.ranks.items())
+        click.echo(f"{row.name:<24} {row.nbytes / MIB:7.2f} MiB  {ranks:<32} "
+                   f"{row.card.get('description', '')[:60]}")
+
+
+@adapters.command("remove")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@STORE_OPTION
+def adapters_remove(names, store_dir):
+    """Delete adapters from the store (index row and file)."""
+    store = _open_store(store_dir)
+    for n in names:
+        store.remove(n)
+    _status(f"removed {len(names)}; the store holds {len(store)} adapter(s)")
+
+
+@adapters.command("inspect")
+@click.argument("adapter_path", metavar="PATH|NAME")
+@STORE_OPTION
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="Base model to check the adapter against [default: the embedded model].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def adapters_inspect(adapter_path, store_dir, model_path, as_json):
+    """Describe an adapter file/directory (checked against the base model's shapes), or with
+    --store, a stored adapter (its file read and checksummed)."""
+    from edgelora_np.adapters.formats import load_adapter
+
+    if store_dir and not os.path.exists(adapter_path):
+        store = _open_store(store_dir)
+        row = store.get(adapter_path)
+        store.packed(adapter_path)                       # reads and checks every byte
+        report = {**row.to_json(), "file": str(store.file(adapter_path)), "verified": True}
+        if as_json:
+            click.echo(json.dumps(report))
+        else:
+            for key, value in report.items():
+                click.echo(f"  {key:<12} {value}")
+        return
+    cfg, _ = _base_config(model_path)
     ad = load_adapter(adapter_path, cfg)
     layers = sorted({layer for layer, _ in ad.pairs})
     scales = sorted({round(p.scale, 6) for p in ad.pairs.values()})
@@ -422,3 +522,7 @@ def adapters_inspect(adapter_path, model_path, as_json):
     click.echo(f"  layers    {len(layers)} of {cfg.n_layers} ({layers[0]}..{layers[-1]})")
     click.echo(f"  scale     {', '.join(map(str, scales))}  (alpha / r x user scale)")
     click.echo(f"  memory    {ad.nbytes / 2**20:.2f} MiB as float32, {len(ad.pairs)} A/B pairs")
+
+
+if __name__ == "__main__":
+    main()

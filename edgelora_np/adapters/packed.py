@@ -5,11 +5,12 @@ permuted to GGUF row order) into a PackedAdapter. Its payload is what the adapte
 to disk and what the pool copies, unchanged, into its arena: a cold load is one memcpy.
 
 Per projection group g (q|k|v, o, gate|up, down; see `projection_groups`) with rank r_p for
-each part p (its largest rank over the layers; layers it does not adapt get zero rows), the
-payload holds three sections, each starting on a 64-byte boundary:
-    A  [L, R, K]   fp16 bits     R = sum of r_p; row j of layer l is a rank row of A
-    B  [L, Pb]     fp16 bits     per part p, r_p rows of that projection's width, concatenated
-    S  [L, R]      float32       per-row scale: alpha / r x the user's scale (0: not adapted)
+each part p (its largest rank over the layers), over the n layers the group adapts at all
+(`layers`; others take no bytes), the payload holds three sections, each starting on a 64-byte
+boundary:
+    A  [n, R, K]   fp16 bits     R = sum of r_p; row j of the i-th layer is a rank row of A
+    B  [n, Pb]     fp16 bits     per part p, r_p rows of that projection's width, concatenated
+    S  [n, R]      float32       per-row scale: alpha / r x the user's scale (0: row unused)
 Groups the adapter does not touch take no bytes. The layout of one adapter is described by
 its `groups` map (ranks and section offsets), which the store keeps in the file's header.
 """
@@ -54,6 +55,7 @@ class GroupLayout:
     """Where one group's sections sit in a payload (byte offsets) and the rank of each part."""
 
     ranks: tuple[int, ...]
+    layers: tuple[int, ...]       # the layers with sections, ascending
     a: int
     b: int
     s: int
@@ -63,33 +65,40 @@ class GroupLayout:
         return sum(self.ranks)
 
     def to_json(self) -> dict:
-        return {"ranks": list(self.ranks), "a": self.a, "b": self.b, "s": self.s}
+        return {"ranks": list(self.ranks), "layers": list(self.layers), "a": self.a, "b": self.b,
+                "s": self.s}
 
     @classmethod
     def from_json(cls, d: dict) -> GroupLayout:
-        return cls(tuple(int(r) for r in d["ranks"]), int(d["a"]), int(d["b"]), int(d["s"]))
+        return cls(tuple(int(r) for r in d["ranks"]), tuple(int(x) for x in d["layers"]),
+                   int(d["a"]), int(d["b"]), int(d["s"]))
 
 
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def layout_for(cfg: LlamaConfig, ranks: dict[str, tuple[int, ...]]) -> tuple[dict[str, GroupLayout], int]:
-    """Section offsets for the given ranks per group; returns (layouts, payload bytes)."""
-    L, groups, at, out = cfg.n_layers, projection_groups(cfg), 0, {}
+def layout_for(cfg: LlamaConfig, ranks: dict[str, tuple[int, ...]],
+               layers: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, GroupLayout], int]:
+    """Section offsets for the given ranks (and adapted layers, default all) per group;
+    returns (layouts, payload bytes)."""
+    groups, at, out = projection_groups(cfg), 0, {}
     for name, g in groups.items():
         r = tuple(ranks.get(name, (0,) * len(g.parts)))
         if len(r) != len(g.parts) or any(x < 0 for x in r):
             raise AdapterError(f"ranks {r} do not fit projection group {name!r} ({len(g.parts)} parts)")
-        if sum(r) == 0:
+        active = tuple(sorted(set(range(cfg.n_layers) if layers is None else layers.get(name, ()))))
+        if sum(r) == 0 or not active:
             continue
-        R = sum(r)
+        if active[0] < 0 or active[-1] >= cfg.n_layers:
+            raise AdapterError(f"layers {active} outside the model's {cfg.n_layers} layers")
+        L, R = len(active), sum(r)
         pb = sum(rp * w for rp, (_, _, w) in zip(r, g.parts))
         a = at
         b = _align(a + 2 * L * R * g.n_in)
         s = _align(b + 2 * L * pb)
         at = _align(s + 4 * L * R)
-        out[name] = GroupLayout(r, a, b, s)
+        out[name] = GroupLayout(r, active, a, b, s)
     return out, at
 
 
@@ -109,8 +118,10 @@ class PackedAdapter:
         return {name: list(g.ranks) for name, g in self.groups.items()}
 
     def sections(self, cfg: LlamaConfig, group: str):
-        """(A [L, R, K] uint16, B [L, Pb] uint16, S [L, R] float32) views of one group."""
-        g, lay, L = projection_groups(cfg)[group], self.groups[group], cfg.n_layers
+        """(A [n, R, K] uint16, B [n, Pb] uint16, S [n, R] float32) views of one group, over
+        its n adapted layers (self.groups[group].layers)."""
+        g, lay = projection_groups(cfg)[group], self.groups[group]
+        L = len(lay.layers)
         R = lay.rows
         pb = sum(r * w for r, (_, _, w) in zip(lay.ranks, g.parts))
         p = self.payload
@@ -123,25 +134,27 @@ class PackedAdapter:
 def pack(adapter, cfg: LlamaConfig) -> PackedAdapter:
     """Lay out a loaded adapter (its `pairs` {(layer, proj): a [r, in], b [out, r], scale})."""
     groups = projection_groups(cfg)
-    ranks = {}
+    ranks, layers = {}, {}
     for name, g in groups.items():
+        parts = {part for part, _, _ in g.parts}
         ranks[name] = tuple(max((pair.a.shape[0] for (_, proj), pair in adapter.pairs.items()
                                  if proj == part), default=0) for part, _, _ in g.parts)
-    layouts, n_bytes = layout_for(cfg, ranks)
+        layers[name] = tuple(sorted({layer for layer, proj in adapter.pairs if proj in parts}))
+    layouts, n_bytes = layout_for(cfg, ranks, layers)
     packed = PackedAdapter(layouts, np.zeros(n_bytes, np.uint8))
     for name, lay in layouts.items():
         a, b, s = packed.sections(cfg, name)
         row, col = 0, 0
         for r_max, (proj, _, w) in zip(lay.ranks, groups[name].parts):
-            for layer in range(cfg.n_layers):
+            for i, layer in enumerate(lay.layers):
                 pair = adapter.pairs.get((layer, proj))
                 if pair is None:
                     continue
                 r = pair.a.shape[0]
-                a[layer, row:row + r] = np.asarray(pair.a, np.float32).astype(np.float16).view(np.uint16)
-                s[layer, row:row + r] = pair.scale
+                a[i, row:row + r] = np.asarray(pair.a, np.float32).astype(np.float16).view(np.uint16)
+                s[i, row:row + r] = pair.scale
                 rows_b = np.asarray(pair.b, np.float32).T.astype(np.float16)           # [r, w]
-                b[layer, col:col + r * w] = rows_b.reshape(-1).view(np.uint16)
+                b[i, col:col + r * w] = rows_b.reshape(-1).view(np.uint16)
             row += r_max
             col += r_max * w
     packed.payload.flags.writeable = False

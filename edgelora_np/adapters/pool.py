@@ -119,16 +119,19 @@ class SlotTables:
         self.n_b = self.part_width.astype(np.int64)      # B values per rank row of each part
 
     def publish(self, slot: int, offset: int, layout) -> None:
-        L, K = self.a_base.shape[0], self.group.n_in
+        K = self.group.n_in
         if layout is None:
             self.ranks[slot] = 0
             return
         R = layout.rows
         pb = int(np.dot(layout.ranks, self.n_b))
-        layers = np.arange(L, dtype=np.int64)
-        self.a_base[:, slot] = (offset + layout.a) // 2 + layers * R * K
-        self.b_base[:, slot] = (offset + layout.b) // 2 + layers * pb
-        self.s_base[:, slot] = (offset + layout.s) // 4 + layers * R
+        i = np.arange(len(layout.layers), dtype=np.int64)     # section index of each adapted layer
+        at = np.array(layout.layers, np.int64)
+        for base in (self.a_base, self.b_base, self.s_base):
+            base[:, slot] = -1                                # layers not adapted: skipped
+        self.a_base[at, slot] = (offset + layout.a) // 2 + i * R * K
+        self.b_base[at, slot] = (offset + layout.b) // 2 + i * pb
+        self.s_base[at, slot] = (offset + layout.s) // 4 + i * R
         self.ranks[slot] = layout.ranks                   # last: this makes the slot live
 
     def clear(self, slot: int) -> None:

@@ -296,9 +296,13 @@ class AdapterStore:
                                "the store is unchanged") from None
         card = {"description": "", "keywords": [], "example_prompts": [], **(card or {})}
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                             (name, fingerprint, json.dumps(groups), int(payload.nbytes), crc,
-                              json.dumps(card), source, source_sha256, float(scale), time.time()))
+            try:
+                self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                 (name, fingerprint, json.dumps(groups), int(payload.nbytes), crc,
+                                  json.dumps(card), source, source_sha256, float(scale), time.time()))
+            except sqlite3.DatabaseError as e:     # e.g. "database or disk is full"
+                raise AdapterError(f"adapter {name!r}: the store index could not be updated: {e}; "
+                                   "the adapter is not in the store") from None
 
     def import_adapter(self, source: str | os.PathLike, cfg, fingerprint: str, *,
                        name: str | None = None, scale: float = 1.0, card: dict | None = None,

@@ -12,6 +12,7 @@ gate|up, down) and per layer, a slot table says where slot s's sections start:
     arena16  [n]     uint16 view of the arena (fp16 bits)
     arena32  [n/2]   float32 view of the same bytes
     a_base   [S]     int64  arena16 index of slot s's A rows: [R_s, K], row after row
+                            (-1: slot s does not adapt this layer)
     b_base   [S]     int64  arena16 index of its B values: per part p, r_p rows of width_p
     s_base   [S]     int64  arena32 index of its per-row scales (alpha / r x user scale)
     ranks    [S, P]  int32  rank of each part (q, k, v ...) for slot s; 0 = not adapted
@@ -72,7 +73,7 @@ def lora_bgmv(x, y, token_slot, arena16, arena32, a_base, b_base, s_base, ranks,
     B, K = x.shape
     for i in prange(B):
         s = token_slot[i]
-        if s < 0 or _n_rows(ranks, s) == 0:
+        if s < 0 or a_base[s] < 0 or _n_rows(ranks, s) == 0:
             continue
         xr = np.empty(K, np.float32)
         _round_row(x[i], xr)
@@ -107,7 +108,7 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, arena16, arena32, a_base, b_ba
         while n_chunks[g + 1] <= item:
             g += 1
         s = seg_slot[g]
-        if s < 0 or _n_rows(ranks, s) == 0:
+        if s < 0 or a_base[s] < 0 or _n_rows(ranks, s) == 0:
             continue
         t0 = seg_begin[g] + (item - n_chunks[g]) * SEGMENT_CHUNK
         t1 = min(t0 + SEGMENT_CHUNK, seg_end[g])
@@ -161,7 +162,7 @@ def lora_delta_ref(x, token_slot, arena16, arena32, a_base, b_base, s_base, rank
     xr = x.astype(np.float16).astype(np.float32)
     for i in range(B):
         s = token_slot[i]
-        if s < 0:
+        if s < 0 or a_base[s] < 0:
             continue
         row, b_at = 0, int(b_base[s])
         for p in range(ranks.shape[1]):
