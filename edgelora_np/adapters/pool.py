@@ -74,7 +74,7 @@ class LRUPolicy:
     def victims(self, candidates: set[str]) -> list[str]:
         """Candidates in eviction order (first = evict first)."""
         ranked = [n for n in self._order if n in candidates]
-        return [n for n in candidates if n not in self._order] + ranked
+        return [n for n in candidates if n not in self._order] + ranked[::-1]
 
 
 class LFUPolicy:
@@ -370,34 +370,39 @@ class AdapterPool:
         return e
 
     def _make_room(self, name, n, protect, may_move) -> tuple[int, int]:
-        """A free slot and a free extent of n bytes, evicting in policy order if needed."""
+        """A free slot and a free extent of n bytes, evicting in policy order if needed.
+
+        The victims are chosen on a copy of the layout first, so a PoolFullError leaves the
+        pool as it was (no adapter evicted for a load that then gives up)."""
         candidates = self._evictable(protect)
         free = self.budget - sum(e.nbytes for e in self._entries.values())
         if free + sum(self._entries[c].nbytes for c in candidates) < n or \
                 (not self._free_slots and not candidates):
             raise PoolFullError(f"adapter {name!r} ({n / 2**20:.1f} MiB) does not fit: "
                                 f"{free / 2**20:.1f} MiB free, the rest pinned or protected")
-        victims = iter(self.policy.victims(candidates))
-        while not self._free_slots:
-            victim = next(victims)
-            free += self._entries[victim].nbytes
+        can_move = may_move and not any(e.loading for e in self._entries.values())
+        extents, slots, victims = list(self._extents), len(self._free_slots), []
+        for victim in [None, *self.policy.victims(candidates)]:
+            if victim is not None:
+                e = self._entries[victim]
+                extents.remove((e.offset, e.nbytes, victim))
+                free, slots = free + e.nbytes, slots + 1
+                victims.append(victim)
+            if not slots:
+                continue
+            if self._hole(n, extents) is not None or (can_move and free >= n):
+                break
+            if free >= n and not may_move:     # enough bytes, but no hole holds them in one piece
+                raise PoolFullError(f"adapter {name!r} does not fit in one piece without "
+                                    "compacting the pool")
+        else:
+            raise PoolFullError(f"adapter {name!r} ({n / 2**20:.1f} MiB) does not fit in one "
+                                "piece and the pool cannot be compacted now")
+        for victim in victims:
             self._evict_one(victim)
         offset = self._hole(n)
-        while offset is None:
-            if free >= n:                    # enough bytes, but no hole holds them in one piece
-                if may_move and not any(e.loading for e in self._entries.values()):
-                    self._compact()
-                    offset = self._hole(n)
-                    break
-                if not may_move:
-                    raise PoolFullError(f"adapter {name!r} does not fit in one piece without "
-                                        "compacting the pool")
-            victim = next(victims, None)
-            if victim is None:
-                raise PoolFullError(f"adapter {name!r} ({n / 2**20:.1f} MiB) does not fit in one "
-                                    "piece and the pool cannot be compacted now")
-            free += self._entries[victim].nbytes
-            self._evict_one(victim)
+        if offset is None:
+            self._compact()
             offset = self._hole(n)
         return self._free_slots[-1], offset
 
@@ -405,9 +410,10 @@ class AdapterPool:
         self._drop(self._entries[name])
         self._counts["evictions"] += 1
 
-    def _hole(self, n: int) -> int | None:
+    def _hole(self, n: int, extents=None) -> int | None:
+        """First fit: the lowest offset of a free run of n bytes (in `extents`, default the pool's)."""
         at = 0
-        for offset, size, _ in self._extents:
+        for offset, size, _ in self._extents if extents is None else extents:
             if offset - at >= n:
                 return at
             at = offset + size

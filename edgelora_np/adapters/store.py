@@ -208,6 +208,10 @@ class AdapterStore:
     def names(self) -> list[str]:
         return [r[0] for r in self._query("SELECT name FROM adapters ORDER BY name")]
 
+    def fingerprints(self) -> dict[str, str]:
+        """name -> base-model fingerprint of every adapter (light: what an engine keeps)."""
+        return dict(self._query("SELECT name, fingerprint FROM adapters"))
+
     def rows(self) -> list[StoredAdapter]:
         return [self._row(r) for r in self._query("SELECT * FROM adapters ORDER BY name")]
 

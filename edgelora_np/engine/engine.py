@@ -129,7 +129,7 @@ class Engine:
         self.pool = AdapterPool(model.config, int(adapter_pool_mb * 2**20), max_slots=max_adapters,
                                 policy=policy)
         self.store = None
-        self._catalog: dict = {}                 # store adapters by name (index rows)
+        self._catalog: dict[str, str] = {}       # store adapters: name -> base fingerprint
         self._load_errors: dict[str, AdapterError] = {}
         self._adapter_users: dict[str, int] = {}
         self._waiting: deque[_Sequence] = deque()
@@ -168,7 +168,7 @@ class Engine:
 
     def refresh_store(self) -> None:
         """Re-read the store's index (after adapters were imported or removed)."""
-        rows = {r.name: r for r in self.store.rows()}
+        rows = self.store.fingerprints()
         with self._lock:
             clash = sorted(set(rows) & set(self.pool.names) - set(self._catalog))
             if clash:
@@ -201,15 +201,15 @@ class Engine:
     def _check_adapter(self, name: str) -> None:
         if name in self.pool and name not in self._catalog:
             return
-        row = self._catalog.get(name)
-        if row is None:
+        fingerprint = self._catalog.get(name)
+        if fingerprint is None:
             raise AdapterError(f"adapter {name!r} is not loaded")
-        if row.fingerprint != self.model.fingerprint:
+        if fingerprint != self.model.fingerprint:
             raise AdapterError(f"adapter {name!r} was imported for another base model "
-                               f"({row.fingerprint}); this engine serves {self.model.fingerprint}")
+                               f"({fingerprint}); this engine serves {self.model.fingerprint}")
 
     def _record(self, name: str):
-        return self.store.record(name, self._catalog[name])
+        return self.store.record(name)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -414,11 +414,9 @@ class Engine:
                     continue
                 try:
                     loaded = self.pool.prefetch(name, self._record(name), protect=wanted[:i])
-                except AdapterError as e:
+                except AdapterError as e:          # bad or vanished file: fail its requests
                     self._load_errors[name] = e
                     loaded = True
-                except KeyError:                    # removed meanwhile
-                    continue
                 if not loaded:
                     break                           # full: later names would not fit either
                 self._wake.set()
