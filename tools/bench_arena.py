@@ -297,7 +297,8 @@ def report(fetch, trace, runs, pool_mb) -> None:
     print(f"Hit rate by policy, pool {pool_mb:.0f} MiB, {TRACE} requests over {N_ADAPTERS} adapters:\n")
     print("| alpha | LRU | LFU |\n| ---: | ---: | ---: |")
     for alpha in ALPHAS:
-        print(f"| {alpha} | {trace[f'{alpha}/lru']['hit_rate']:.1%} | {trace[f'{alpha}/lfu']['hit_rate']:.1%} |")
+        lru, lfu = trace[f"{alpha}/lru"]["hit_rate"], trace[f"{alpha}/lfu"]["hit_rate"]
+        print(f"| {alpha} | {lru:.1%} | {lfu:.1%} |")
     base = next(r for r in runs if r["mode"] == "base")
     resident = next(r for r in runs if r["mode"] == "resident")
     print("\n| run | alpha | pool MiB | decode tok/s | vs resident | hit rate | loads | evictions | "

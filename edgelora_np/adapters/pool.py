@@ -74,7 +74,7 @@ class LRUPolicy:
     def victims(self, candidates: set[str]) -> list[str]:
         """Candidates in eviction order (first = evict first)."""
         ranked = [n for n in self._order if n in candidates]
-        return [n for n in candidates if n not in self._order] + ranked[::-1]
+        return [n for n in candidates if n not in self._order] + ranked
 
 
 class LFUPolicy:
@@ -328,7 +328,7 @@ class AdapterPool:
 
     def _evictable(self, protect) -> set[str]:
         return {n for n, e in self._entries.items()
-                if not (e.pins or e.sticky or e.loading) and n not in protect}
+                if not (e.sticky or e.loading) and n not in protect}
 
     def _load(self, name, record, *, may_move, protect, pin, sticky=False) -> _Entry:
         """Called with the lock held; copies the bytes with it released."""
