@@ -328,7 +328,7 @@ class AdapterPool:
 
     def _evictable(self, protect) -> set[str]:
         return {n for n, e in self._entries.items()
-                if not (e.sticky or e.loading) and n not in protect}
+                if not (e.pins or e.sticky or e.loading) and n not in protect}
 
     def _load(self, name, record, *, may_move, protect, pin, sticky=False) -> _Entry:
         """Called with the lock held; copies the bytes with it released."""
@@ -414,7 +414,7 @@ class AdapterPool:
         """First fit: the lowest offset of a free run of n bytes (in `extents`, default the pool's)."""
         at = 0
         for offset, size, _ in self._extents if extents is None else extents:
-            if offset - at >= n:
+            if offset - at > n:
                 return at
             at = offset + size
         return at if self.budget - at >= n else None
