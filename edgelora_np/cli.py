@@ -1,4 +1,4 @@
-"""The `edgelora` command line: generate, chat, inspect, warmup.
+"""The `edgelora` command line: generate, chat, demo, inspect, warmup, adapters.
 
 A thin click group over the public API (edgelora_np/api.py). Heavy modules (NumPy, Numba, the
 API) are imported inside the commands, so that `edgelora --help` need not load them.
@@ -377,6 +377,71 @@ def warmup(model_path, threads, ctx):
     click.echo(f"{'total':<24}{time.perf_counter() - t0:8.2f} s   compiled {compiled}, "
                f"loaded from cache {loaded}")
 
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+@main.command()
+@click.option("--adapters", "adapters_dir", default="models/adapters", show_default=True,
+              metavar="DIR", help="Folder of PEFT adapters (one per subfolder, with card.json).")
+@click.option("--store", "store_dir", default=None, metavar="DIR",
+              help="Adapter store to import them into [default: a 'demo_store' in the cache].")
+@click.option("-n", "--max-tokens", type=int, default=40, show_default=True)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per tenant instead of text.")
+def demo(adapters_dir, store_dir, max_tokens, model_path, threads, ctx, as_json):
+    """Tenants with different adapters, served together: the multi-tenant main job.
+
+    Imports every adapter under DIR into an adapter store (once; later runs skip them), then
+    submits each adapter's example prompt twice, once as a tenant using that adapter and once
+    to the plain base model, and serves all of these requests at once: every step is one
+    forward over all of them, each token with its own adapter (greedy decoding)."""
+    from pathlib import Path
+
+    from edgelora_np.adapters.store import AdapterStore, read_card
+    from edgelora_np.default_model import cache_dir
+    from edgelora_np.engine.engine import Engine
+    from edgelora_np.errors import EdgeLoraError
+
+    folder = Path(adapters_dir)
+    sources = sorted(p for p in folder.glob("*") if (p / "adapter_config.json").is_file())
+    if not sources:
+        raise EdgeLoraError(f"no PEFT adapters under {folder}/ (run from the repository root, "
+                            "or pass --adapters DIR)")
+    model = _load(model_path, threads, ctx)
+    store = AdapterStore(store_dir or cache_dir() / "demo_store", create=True)
+    for src in sources:
+        store.import_adapter(src, model.config, model.fingerprint)
+    engine = Engine(model, store=store, max_seqs=2 * len(sources), max_batch_tokens=256)
+    jobs = []
+    for src in sources:
+        card = read_card(src)
+        prompt = (card.get("example_prompts") or ["Hello!"])[0]
+        for adapter in (src.name, None):
+            jobs.append((src.name, adapter, prompt,
+                         engine.submit(prompt, adapter=adapter, chat=True, max_tokens=max_tokens,
+                                       temperature=0.0)))
+    _status(f"edgelora: serving {len(jobs)} requests, {len(sources)} adapters + base model, "
+            "in one batch ...")
+    t0 = time.perf_counter()
+    for *_, gen in jobs:
+        gen.run()
+    seconds = time.perf_counter() - t0
+    for tenant, adapter, prompt, gen in jobs:
+        if as_json:
+            click.echo(json.dumps({"tenant": tenant, "adapter": adapter, "prompt": prompt,
+                                   "text": gen.text, "finish_reason": gen.finish_reason}))
+            continue
+        if adapter is not None:
+            click.echo(f"\n[{tenant}] {prompt}")
+        who = f"with {adapter}" if adapter else "base model"
+        click.echo(f"  {who:<18} {' '.join(gen.text.split())}")
+    tokens = sum(len(g.token_ids) for *_, g in jobs)
+    stats = engine.adapter_stats()
+    _status(f"\n{tokens} tokens for {len(jobs)} requests in {seconds:.1f} s "
+            f"({tokens / seconds:.1f} tok/s together); adapter pool: {stats.resident} resident, "
+            f"{stats.bytes_resident / MIB:.1f} MiB, {stats.loads} loads")
 
 
 # ----------------------------------------------------------------------------------------------
