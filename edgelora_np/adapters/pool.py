@@ -71,10 +71,12 @@ class LRUPolicy:
     def forget(self, name: str) -> None:
         self._order.pop(name, None)
 
-    def victims(self, candidates: set[str]) -> list[str]:
-        """Candidates in eviction order (first = evict first)."""
-        ranked = [n for n in self._order if n in candidates]
-        return [n for n in candidates if n not in self._order] + ranked
+    evicted = forget      # no history of evicted adapters: the order holds resident ones only
+
+    def victims(self, candidates: set[str]):
+        """Candidates in eviction order (first = evict first), lazily."""
+        yield from (n for n in candidates if n not in self._order)
+        yield from (n for n in list(self._order) if n in candidates)
 
 
 class LFUPolicy:
@@ -95,6 +97,9 @@ class LFUPolicy:
     def forget(self, name: str) -> None:      # removal from the store, not eviction
         self._count.pop(name, None)
         self._last.pop(name, None)
+
+    def evicted(self, name: str) -> None:     # counts outlive residency
+        pass
 
     def victims(self, candidates: set[str]) -> list[str]:
         return sorted(candidates, key=lambda n: (self._count.get(n, 0), self._last.get(n, 0)))
@@ -221,7 +226,8 @@ class AdapterPool:
 
     @property
     def names(self) -> list[str]:
-        return [n for n, e in self._entries.items() if not e.loading]
+        with self._lock:
+            return [n for n, e in self._entries.items() if not e.loading]
 
     def slot(self, name: str) -> int:
         e = self._entries.get(name)
@@ -322,6 +328,7 @@ class AdapterPool:
             if e is None or e.pins or e.sticky or e.loading:
                 raise AdapterError(f"adapter {name!r} cannot be evicted (absent, pinned or sticky)")
             self._drop(e)
+            self.policy.evicted(name)
             self._counts["evictions"] += 1
 
     # --- inside ----------------------------------------------------------------------------------
@@ -408,13 +415,14 @@ class AdapterPool:
 
     def _evict_one(self, name: str) -> None:
         self._drop(self._entries[name])
+        self.policy.evicted(name)
         self._counts["evictions"] += 1
 
     def _hole(self, n: int, extents=None) -> int | None:
         """First fit: the lowest offset of a free run of n bytes (in `extents`, default the pool's)."""
         at = 0
         for offset, size, _ in self._extents if extents is None else extents:
-            if offset - at > n:
+            if offset - at >= n:
                 return at
             at = offset + size
         return at if self.budget - at >= n else None

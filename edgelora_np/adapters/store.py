@@ -320,15 +320,15 @@ class AdapterStore:
         if not source.exists():
             raise AdapterError(f"adapter {name!r}: source {source} not found")
         sha = _source_sha256(source)
+        card = {**read_card(source), **(card or {})}
         if not force and name in self:
             old = self.get(name)
-            if (old.source_sha256, old.scale, old.fingerprint) == (sha, float(scale), fingerprint) \
-                    and self.file(name).is_file():
+            if (old.source_sha256, old.scale, old.fingerprint, old.card) == \
+                    (sha, float(scale), fingerprint, card) and self.file(name).is_file():
                 return "unchanged"
         adapter = load_adapter(source, cfg, scale=scale, name=name)
-        self.put(name, pack(adapter, cfg), fingerprint=fingerprint,
-                 card={**read_card(source), **(card or {})}, source=str(source.resolve()),
-                 source_sha256=sha, scale=scale)
+        self.put(name, pack(adapter, cfg), fingerprint=fingerprint, card=card,
+                 source=str(source.resolve()), source_sha256=sha, scale=scale)
         return "imported"
 
     def remove(self, name: str) -> None:
