@@ -37,19 +37,20 @@ SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def _shrink(arena16, start, xr_row):
-    """t = a . x for one rank row (fp16 bits at arena16[start:]) times float32, vectorized."""
+def _shrink(a_row, xr_row):
+    """t = a . x for one rank row: fp16 bits times float32, vectorized (reassociated sum).
+    Callers pass slices of the arena: indexing a slice from 0 lets LLVM vectorize the loop."""
     acc = np.float32(0.0)
     for k in range(xr_row.shape[0]):
-        acc += f16_to_f32(arena16[start + k]) * xr_row[k]
+        acc += f16_to_f32(a_row[k]) * xr_row[k]
     return acc
 
 
 @njit(cache=True)
-def _expand(y_row, t, arena16, start, width):
-    """y += t * b[start:start+width] (fp16 bits), one rank row into its projection's columns."""
-    for c in range(width):
-        y_row[c] += t * f16_to_f32(arena16[start + c])
+def _expand(y_row, t, b_row):
+    """y += t * b (fp16 bits), one rank row into its projection's columns."""
+    for c in range(b_row.shape[0]):
+        y_row[c] += t * f16_to_f32(b_row[c])
 
 
 @njit(cache=True)
@@ -82,8 +83,9 @@ def lora_bgmv(x, y, token_slot, arena16, arena32, a_base, b_base, s_base, ranks,
         for p in range(ranks.shape[1]):
             c0, w = part_col0[p], part_width[p]
             for _ in range(ranks[s, p]):
-                t = round_to_f16(_shrink(arena16, a_base[s] + row * K, xr)) * arena32[s_base[s] + row]
-                _expand(y[i, c0:], t, arena16, b_at, w)
+                a0 = a_base[s] + row * K
+                t = round_to_f16(_shrink(arena16[a0:a0 + K], xr)) * arena32[s_base[s] + row]
+                _expand(y[i, c0:c0 + w], t, arena16[b_at:b_at + w])
                 row += 1
                 b_at += w
 
@@ -123,8 +125,10 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, arena16, arena32, a_base, b_ba
             brow = np.empty(w, np.float32)
             for _ in range(ranks[s, p]):
                 scale = arena32[s_base[s] + row]
+                a0 = a_base[s] + row * K
+                a_row = arena16[a0:a0 + K]
                 for i in range(t0, t1):
-                    t[i - t0] = round_to_f16(_shrink(arena16, a_base[s] + row * K, xr[i - t0])) * scale
+                    t[i - t0] = round_to_f16(_shrink(a_row, xr[i - t0])) * scale
                 for c in range(w):
                     brow[c] = f16_to_f32(arena16[b_at + c])
                 for i in range(t0, t1):
