@@ -388,9 +388,14 @@ def warmup(model_path, threads, ctx):
 @click.option("--store", "store_dir", default=None, metavar="DIR",
               help="Adapter store to import them into [default: a 'demo_store' in the cache].")
 @click.option("-n", "--max-tokens", type=int, default=40, show_default=True)
+@click.option("--adapter-pool-mb", type=click.FloatRange(min=1), default=256, show_default=True,
+              help="Byte budget of the RAM pool holding resident adapters.")
+@click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True,
+              help="Which unpinned adapter the pool evicts first.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per tenant instead of text.")
-def demo(adapters_dir, store_dir, max_tokens, model_path, threads, ctx, as_json):
+def demo(adapters_dir, store_dir, max_tokens, adapter_pool_mb, policy, model_path, threads, ctx,
+         as_json):
     """Tenants with different adapters, served together: the multi-tenant main job.
 
     Imports every adapter under DIR into an adapter store (once; later runs skip them), then
@@ -413,7 +418,8 @@ def demo(adapters_dir, store_dir, max_tokens, model_path, threads, ctx, as_json)
     store = AdapterStore(store_dir or cache_dir() / "demo_store", create=True)
     for src in sources:
         store.import_adapter(src, model.config, model.fingerprint)
-    engine = Engine(model, store=store, max_seqs=2 * len(sources), max_batch_tokens=256)
+    engine = Engine(model, store=store, max_seqs=2 * len(sources), max_batch_tokens=256,
+                    adapter_pool_mb=adapter_pool_mb, policy=policy)
     jobs = []
     for src in sources:
         card = read_card(src)
