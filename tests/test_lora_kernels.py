@@ -50,11 +50,6 @@ def random_adapter(cfg, rng, rank, projs=None, layers=None, rank_of=None):
     return SimpleNamespace(pairs=pairs)
 
 
-def group_out(cfg, group):
-    parts = projection_groups(cfg)[group].parts
-    return parts[-1][1] + parts[-1][2]
-
-
 def kernel_args(pool, group, layer):
     t = pool.tables[group]
     return (pool.arena16, pool.arena32, t.a_base[layer], t.b_base[layer], t.s_base[layer], t.ranks,
@@ -63,7 +58,7 @@ def kernel_args(pool, group, layer):
 
 def check_group(bank, group, layer, x, token_slot):
     cfg = bank.cfg
-    y0 = np.random.default_rng(1).standard_normal((len(x), group_out(cfg, group)))
+    y0 = np.random.default_rng(1).standard_normal((len(x), projection_groups(cfg)[group].n_out))
     y = y0.astype(np.float32)
     LoraBatch(bank, token_slot).apply(group, layer, x, y)
     delta, bound = lora_delta_ref(x, token_slot, *kernel_args(bank, group, layer), y.shape[1],
@@ -132,7 +127,7 @@ def test_tokens_without_adapter_and_empty_bank_are_untouched():
     rng = np.random.default_rng(5)
     bank = AdapterPool(cfg, 64 << 20, max_slots=2)
     x = rng.standard_normal((4, cfg.dim)).astype(np.float32)
-    y = rng.standard_normal((4, group_out(cfg, "qkv"))).astype(np.float32)
+    y = rng.standard_normal((4, projection_groups(cfg)["qkv"].n_out)).astype(np.float32)
     before = y.copy()
     LoraBatch(bank, np.array([-1, -1, -1, -1], np.int32)).apply("qkv", 0, x, y)
     np.testing.assert_array_equal(y, before)
@@ -151,7 +146,7 @@ def test_segment_and_gather_kernels_agree_bit_for_bit():
     args = kernel_args(bank, "gate_up", 0)
     x = rng.standard_normal((37, cfg.dim)).astype(np.float32)
     token_slot = np.array([0] * 20 + [2] * 17, np.int32)
-    y_gather = np.zeros((37, group_out(cfg, "gate_up")), np.float32)
+    y_gather = np.zeros((37, projection_groups(cfg)["gate_up"].n_out), np.float32)
     lora_bgmv(x, y_gather, token_slot, *args)
     y_seg = np.zeros_like(y_gather)
     begin, end, slot = segments(token_slot)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import run_child, warm_edgelora  # noqa: E402
+from benchutil import peak_rss_mb, run_child, warm_edgelora  # noqa: E402
 
 N_ADAPTERS = 10_000
 N_FULL = 32
@@ -97,17 +97,10 @@ def build_store(root: Path, model: str, n_adapters: int = N_ADAPTERS) -> None:
 # --- children ----------------------------------------------------------------------------------
 
 def rss_mb() -> float:
+    """This process's resident set size now, in MB (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 

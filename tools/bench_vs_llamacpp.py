@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import run_child, warm_edgelora  # noqa: E402
+from benchutil import peak_rss_mb, run_child, warm_edgelora  # noqa: E402
 
 PROMPT_TOKENS = 256
 DECODE_TOKENS = 128
@@ -88,7 +87,7 @@ def run_llamacpp(model: str, threads: int, n_ctx: int) -> dict:
 def _summarize(runs) -> dict:
     return {"prefill_tok_s": statistics.median(r[0] for r in runs),
             "decode_tok_s": statistics.median(r[1] for r in runs),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def child(engine: str, model: str, threads: int, n_ctx: int) -> dict:

@@ -187,9 +187,6 @@ class Engine:
             if name in self.pool:
                 self.pool.remove(name)
 
-    def has_adapter(self, name: str) -> bool:
-        return name in self._catalog or name in self.pool
-
     @property
     def adapters(self) -> list[str]:
         return sorted(set(self._catalog) | set(self.pool.names))
