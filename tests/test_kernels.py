@@ -362,6 +362,14 @@ def round_all(x, out):
         out[i] = actquant.round_to_f16(x[i])
 
 
+@njit(fastmath=True)
+def round_all_fastmath(x, out):
+    """As the attention and LoRA kernels call it: inlined into fastmath code. An add-and-subtract
+    rounding ((x + big) - big) is folded to x there under "reassoc", and rounds nothing."""
+    for i in range(x.shape[0]):
+        out[i] = actquant.round_to_f16(x[i])
+
+
 @njit
 def scales_of(s, out):
     for i in range(s.shape[0]):
@@ -393,7 +401,8 @@ def test_scale_f32_reads_fp16_bits_and_floats():
     assert np.array_equal(out, f32)
 
 
-def test_round_to_f16_matches_numpy_including_ties():
+@pytest.mark.parametrize("round_fn", [round_all, round_all_fastmath])
+def test_round_to_f16_matches_numpy_including_ties(round_fn):
     rng = np.random.default_rng(0)
     # Every positive finite fp16 value, the midpoints between neighbours (exact ties, which
     # must go to the even neighbour), and random float32 values across the whole range.
@@ -404,7 +413,7 @@ def test_round_to_f16_matches_numpy_including_ties():
     x = np.concatenate([f16, mids, rand, [0.0]]).astype(np.float32)
     x = np.concatenate([x, -x])
     out = np.empty_like(x)
-    round_all(x, out)
+    round_fn(x, out)
     # Compared as values: round_to_f16(-tiny) may return +0.0 where NumPy says -0.0.
     assert np.array_equal(out, x.astype(np.float16).astype(np.float32))
 
