@@ -141,7 +141,7 @@ def test_matmul_is_batch_invariant(qtype):
     assert np.array_equal(pack.matmul(w, x[17:40]), full[17:40])
 
 
-# --- packed_rows, concat_rows -------------------------------------------------------------------
+# --- packed_rows, pack_stacked -----------------------------------------------------------------
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_packed_rows_are_rows_of_the_dense_matrix(qtype):
@@ -153,11 +153,16 @@ def test_packed_rows_are_rows_of_the_dense_matrix(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_concat_rows_equals_stacking(qtype):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_pack_stacked_equals_stacking(qtype, n_threads):
+    """q|k|v packed as one matrix: its rows are the parts' rows, tiles straddling parts."""
     cols = cols_for(qtype)
-    parts = [packed(qtype, n, cols, seed=i) for i, n in enumerate([64, 17, 17])]
-    joined = pack.concat_rows(parts, n_threads=2)
-    assert joined is not None and joined.n_rows == 98
+    rng = np.random.default_rng(int(qtype))
+    sizes = [64, 17, 17]
+    raws = [raw_tensor(qtype, n, cols, rng) for n in sizes]
+    joined = pack.pack_stacked(list(zip(raws, sizes)), qtype, cols, n_threads)
+    parts = [pack.pack_gguf(r, qtype, n, cols, n_threads) for r, n in zip(raws, sizes)]
+    assert joined.n_rows == 98 and joined.kind == parts[0].kind
     dense = np.concatenate([pack.dequantize_packed(p) for p in parts])
     assert np.array_equal(pack.dequantize_packed(joined), dense)
     x = np.random.default_rng(0).standard_normal((3, cols)).astype(np.float32)
@@ -165,61 +170,86 @@ def test_concat_rows_equals_stacking(qtype):
                           np.concatenate([pack.matmul(p, x) for p in parts], axis=1))
 
 
-def test_concat_rows_refuses_mixed_formats():
-    assert pack.concat_rows([packed(QT.Q4_0, 32, 256, 0), packed(QT.Q8_0, 32, 256, 0)], 2) is None
-    # Same q4 kernel, but activations quantized differently (q8_0 vs q8_K).
-    assert pack.concat_rows([packed(QT.Q4_0, 32, 256, 0), packed(QT.Q4_K, 32, 256, 0)], 2) is None
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+def test_packed_bytes_stay_close_to_the_file(qtype):
+    """Repacking keeps the file's bits per weight: only tile padding (none here: 512 rows) and,
+    for Q4_K/Q5_K, the 12-byte scale/min packing widened to 16 bytes are added."""
+    rows, cols = 512, 1024
+    raw = raw_tensor(qtype, rows, cols, np.random.default_rng(0))
+    w = pack.pack_gguf(raw, qtype, rows, cols, n_threads=2)
+    extra = {QT.Q4_K: 4, QT.Q5_K: 4}.get(qtype, 0) * rows * cols // 256
+    assert w.nbytes == raw.nbytes + extra
 
 
 # --- activation quantization --------------------------------------------------------------------
 
-ACT_CASES = [("q8_0", 32), ("q8_1", 32), ("q8_K", 32), ("q8_K", 16)]
+ACT_FORMATS = ["q8_0", "q8_1", "q8_K"]
 
 
-def assert_same_activations(x, fmt, block):
-    xq, xd, xs = actquant.quantize_activations(x, fmt, block)
-    rq, rd, rs = actquant.quantize_activations_ref(x, fmt, block)
-    assert xq.dtype == np.int8 and xd.dtype == np.float32 and xs.dtype == np.float32
+def quantize(x, fmt):
+    if fmt == "q8_K":
+        return actquant.quantize_activations_q8_k(x)
+    return actquant.quantize_activations(x, fmt)
+
+
+def quantize_ref(x, fmt):
+    if fmt == "q8_K":
+        return actquant.quantize_activations_q8_k_ref(x)
+    return actquant.quantize_activations_ref(x, fmt)
+
+
+def assert_same_activations(x, fmt):
+    xq, xd, xs = quantize(x, fmt)
+    rq, rd, rs = quantize_ref(x, fmt)
+    assert xq.dtype == np.int8 and xd.dtype == np.float32
+    assert xs.dtype == (np.int32 if fmt == "q8_K" else np.float32)
     assert np.array_equal(xq, rq)
     assert np.array_equal(xd.view(np.uint32), rd.view(np.uint32))
     assert np.array_equal(xs, rs)           # values: the sign of a zero sum may differ
 
 
-@pytest.mark.parametrize("fmt, block", ACT_CASES)
+@pytest.mark.parametrize("fmt", ACT_FORMATS)
 @quick
 @given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 4), n_super=st.integers(1, 2),
        log_scale=st.floats(-20, 10))
-def test_quantize_activations_matches_reference(fmt, block, seed, batch, n_super, log_scale):
+def test_quantize_activations_matches_reference(fmt, seed, batch, n_super, log_scale):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((batch, 256 * n_super)) * 2.0**log_scale).astype(np.float32)
     x[rng.random(batch) < 0.3] = 0                               # whole rows of zeros
     x[:, :32] *= rng.random() < 0.5                              # a zero block in a live row
-    assert_same_activations(x, fmt, block)
+    assert_same_activations(x, fmt)
 
 
-@pytest.mark.parametrize("fmt, block", ACT_CASES)
-def test_quantize_activations_ties_round_to_even_in_both(fmt, block):
+@pytest.mark.parametrize("fmt", ACT_FORMATS)
+def test_quantize_activations_ties_round_to_even_in_both(fmt):
     """Values whose scaled form is exactly k + 1/2: both sides round half to even (np.rint,
     like ggml's SIMD paths), so no +-1 differences are allowed at all."""
     x = np.zeros((1, 256), np.float32)
     x[0, ::8] = 127.0                       # block max: scale exactly 1 for q8_0 / q8_1
     x[0, 1::8] = np.arange(32) % 8 + 0.5    # .5 ties: 0.5 1.5 ... 7.5 (q8_K: iscale = -1)
     x[0, 2::8] = -(np.arange(32) % 8 + 0.5)
-    xq, _, _ = actquant.quantize_activations(x, fmt, block)
+    xq, _, _ = quantize(x, fmt)
     sign = -1 if fmt == "q8_K" else 1
     assert np.array_equal(xq[0, 1::8], sign * np.rint(x[0, 1::8]).astype(np.int8))
-    assert_same_activations(x, fmt, block)
+    assert_same_activations(x, fmt)
 
 
 def test_quantize_activations_extremes():
     x = np.zeros((3, 256), np.float32)
     x[1] = 1e-30                             # tiny but not zero
     x[2, 5] = -3e4                            # one huge value: everything else rounds to 0
-    for fmt, block in ACT_CASES:
-        assert_same_activations(x, fmt, block)
-        xq, xd, _ = actquant.quantize_activations(x, fmt, block)
+    for fmt in ACT_FORMATS:
+        assert_same_activations(x, fmt)
+        xq, xd, _ = quantize(x, fmt)
         assert not xq[0].any() and not xd[0].any()
         assert abs(int(xq[2, 5])) == 127
+
+
+def test_q8_k_block_sums_are_sums_of_16():
+    x = np.random.default_rng(5).standard_normal((2, 512)).astype(np.float32)
+    xq, xd, bsums = actquant.quantize_activations_q8_k(x)
+    assert xd.shape == (2, 2) and bsums.shape == (2, 32)
+    assert np.array_equal(bsums, xq.reshape(2, 32, 16).astype(np.int32).sum(-1))
 
 
 # --- attention ----------------------------------------------------------------------------------

@@ -23,6 +23,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MB (Linux: /proc/self/statm, in pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
+
+
 def warm_edgelora(model: str) -> None:
     """Compile and cache every kernel once (`edgelora warmup`), so that the measured process
     loads machine code from Numba's cache instead of compiling: a fresh install's first run

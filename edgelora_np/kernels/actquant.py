@@ -4,25 +4,27 @@ ggml never multiplies float activations by quantized weights: it first quantizes
 activations to the weight type's "vec_dot_type", then takes integer dot products per block.
 We do the same, both for speed (int8 x int4 products) and to track llama.cpp's rounding.
 
-Every format here produces the same three arrays, so that one matmul kernel serves them all:
+q8_0 and q8_1 produce the same three arrays, so that one matmul kernel serves both:
     xq [B, K]      int8     the quantized values
-    xd [B, K/bs]   float32  per-block scale        x ~= xd * xq
-    xs [B, K/bs]   float32  per-block scaled sum   xs = xd * sum(xq over the block)
-where bs is the weight format's block size (32, or 16 for Q6_K).
+    xd [B, K/32]   float32  per-block scale        x ~= xd * xq
+    xs [B, K/32]   float32  per-block scaled sum   xs = xd * sum(xq over the block)
 
   q8_0  (Q4_0, Q8_0 weights)  32-blocks, d = max|x| / 127 stored as fp16
   q8_1  (Q4_1 weights)        as q8_0, and xs rounded to fp16 (ggml keeps s = d*sum(q) in fp16)
-  q8_K  (K-quant weights)     256-blocks, d = max/-127 in float32 (sign of the largest |x|),
-                              expanded here to per-bs scales so the kernels stay generic
+
+q8_K (for the K-quant weights) is ggml's block_q8_K field for field:
+    xq [B, K]      int8     the quantized values
+    xd [B, K/256]  float32  per-super-block scale, d = max/-127 (sign of the largest |x|)
+    bsums [B, K/16] int32   the sum of xq over each 16 values
 ggml rounds x/d to nearest, ties to even, on x86 (`_mm256_round_ps`) and ARM (`vcvtnq`).
 """
 
 import numpy as np
 from numba import njit, prange
 
+from edgelora_np.gguf.quants import quantize_q8_K
 from edgelora_np.kernels.bits import round_to_f16
 
-ACT_FORMATS = ("q8_0", "q8_1", "q8_K")
 QK8 = 32     # block of q8_0 / q8_1
 QK_K = 256   # super-block of q8_K
 
@@ -52,10 +54,9 @@ def quantize_act_q8(x, block, round_sum, xq, xd, xs):
 
 
 @njit(parallel=True, cache=True)
-def quantize_act_q8_k(x, block, xq, xd, xs):
-    """q8_K: one float32 scale per 256 values, expanded to per-`block` xd/xs."""
+def quantize_act_q8_k(x, xq, xd, bsums):
+    """q8_K: one float32 scale per 256 values and the sum of each 16 quantized values."""
     B, K = x.shape
-    per_super = QK_K // block
     for b in prange(B):
         for isb in range(K // QK_K):
             o = isb * QK_K
@@ -76,45 +77,39 @@ def quantize_act_q8_k(x, block, xq, xd, xs):
                 for j in range(QK_K):
                     q = np.int32(np.rint(iscale * x[b, o + j]))
                     xq[b, o + j] = min(127, q)
-            for sb in range(per_super):
+            xd[b, isb] = d
+            for g in range(QK_K // 16):
                 total = 0
-                for j in range(block):
-                    total += np.int32(xq[b, o + sb * block + j])
-                xd[b, isb * per_super + sb] = d
-                xs[b, isb * per_super + sb] = d * np.float32(total)
+                for j in range(16):
+                    total += np.int32(xq[b, o + 16 * g + j])
+                bsums[b, isb * (QK_K // 16) + g] = total
 
 
-def quantize_activations(x: np.ndarray, fmt: str, block: int):
-    """x [B, K] float32 -> (xq int8 [B, K], xd, xs float32 [B, K/block]) in format `fmt`."""
+def quantize_activations(x: np.ndarray, fmt: str, block: int = QK8):
+    """x [B, K] float32 -> (xq int8 [B, K], xd, xs float32 [B, K/block]), fmt q8_0 or q8_1."""
     B, K = x.shape
     xq = np.empty((B, K), np.int8)
     xd = np.empty((B, K // block), np.float32)
     xs = np.empty((B, K // block), np.float32)
-    if fmt == "q8_K":
-        quantize_act_q8_k(x, block, xq, xd, xs)
-    else:
-        quantize_act_q8(x, block, fmt == "q8_1", xq, xd, xs)
+    quantize_act_q8(x, block, fmt == "q8_1", xq, xd, xs)
     return xq, xd, xs
+
+
+def quantize_activations_q8_k(x: np.ndarray):
+    """x [B, K] float32 -> (xq int8 [B, K], xd float32 [B, K/256], bsums int32 [B, K/16])."""
+    B, K = x.shape
+    xq = np.empty((B, K), np.int8)
+    xd = np.empty((B, K // QK_K), np.float32)
+    bsums = np.empty((B, K // 16), np.int32)
+    quantize_act_q8_k(x, xq, xd, bsums)
+    return xq, xd, bsums
 
 
 # ---------------------------------------------------------------------------------------------
 # NumPy reference: the same formats written with whole-array operations.
 
-def quantize_activations_ref(x: np.ndarray, fmt: str, block: int):
+def quantize_activations_ref(x: np.ndarray, fmt: str, block: int = QK8):
     B, K = x.shape
-    if fmt == "q8_K":
-        sup = x.reshape(B, K // QK_K, QK_K)                                  # [B, K/256, 256]
-        pick = np.abs(sup).argmax(-1)[..., None]
-        vmax = np.take_along_axis(sup, pick, -1)                             # [B, K/256, 1]
-        with np.errstate(divide="ignore"):
-            iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, 0).astype(np.float32)
-        q = np.minimum(np.rint(iscale * sup), 127).astype(np.int8)
-        d = np.where(vmax != 0, np.float32(1.0) / np.where(iscale != 0, iscale, 1), 0)
-        d = d.astype(np.float32)
-        qb = q.reshape(B, K // block, block).astype(np.int32)
-        xd = np.repeat(d[..., 0], QK_K // block, axis=1)                     # [B, K/bs]
-        xs = xd * qb.sum(-1).astype(np.float32)
-        return q.reshape(B, K), xd, xs.astype(np.float32)
     blocks = x.reshape(B, K // block, block)                                 # [B, K/bs, bs]
     amax = np.abs(blocks).max(-1)                                            # [B, K/bs]
     d = amax / np.float32(127.0)
@@ -128,3 +123,13 @@ def quantize_activations_ref(x: np.ndarray, fmt: str, block: int):
     else:
         xs = xd * total
     return q.reshape(B, K), xd, xs.astype(np.float32)
+
+
+def quantize_activations_q8_k_ref(x: np.ndarray):
+    """q8_K through gguf/quants.py's quantize_q8_K (tested against ggml's C loop)."""
+    B, K = x.shape
+    blocks = quantize_q8_K(x)                                                # [B, K/256, 292]
+    xd = np.ascontiguousarray(blocks[..., 0:4]).view("<f4")[..., 0]
+    xq = np.ascontiguousarray(blocks[..., 4:260]).view(np.int8).reshape(B, K)
+    bsums = np.ascontiguousarray(blocks[..., 260:292]).view("<i2").reshape(B, K // 16)
+    return xq, xd.astype(np.float32), bsums.astype(np.int32)

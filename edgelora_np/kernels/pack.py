@@ -1,10 +1,11 @@
 """Repacking GGUF tensors, once at load time, into the tiled layouts the matmul kernels read.
 
-GGUF stores each weight row as a run of quant blocks. We split every block into integer codes
-and per-block scale/offset so that w = d * q + m, and store rows in tiles of T (layouts in
-kernels/qmatmul.py). Repacking keeps the bits per weight of the file for Q4_0/Q4_1/Q8_0
-(fp16 scales stay fp16); K-quants become per-32 (Q6_K: per-16) blocks with float32 scales,
-d * sub_scale and -dmin * sub_min, which is exact: an fp16 times a 6-bit integer fits in float32.
+GGUF stores each weight row as a run of quant blocks. We split every block into its fields
+(integer codes, scales, offsets) and store rows in tiles of T (layouts in kernels/qmatmul.py).
+Repacking keeps the file's bits per weight: Q4_0/Q4_1/Q8_0 become codes plus fp16 scales per
+32-block; the K-quants keep their 4-bit nibbles, their high bits, their 6- or 8-bit sub-block
+scales and their fp16 super-block scales, each field in its own array. Only the 12-byte
+packing of Q4_K/Q5_K's sub-block scales is widened to a byte each (+4 bytes per 256 weights).
 
 Which activation format each weight type is multiplied with follows ggml's vec_dot_type.
 """
@@ -18,10 +19,16 @@ from gguf import GGMLQuantizationType as QT
 
 from edgelora_np.errors import UnsupportedQuantError
 from edgelora_np.gguf.quants import k_scales_mins
-from edgelora_np.kernels.actquant import quantize_activations, quantize_activations_ref
+from edgelora_np.kernels.actquant import (
+    quantize_activations,
+    quantize_activations_q8_k,
+    quantize_activations_q8_k_ref,
+    quantize_activations_ref,
+)
 from edgelora_np.kernels.qmatmul import (
     matmul_f16,
     matmul_f32,
+    matmul_kquant,
     matmul_q4,
     matmul_q8,
     scale_array_f32,
@@ -41,17 +48,30 @@ ACTIVATION_FORMAT = {
 SUPPORTED = tuple(ACTIVATION_FORMAT)
 
 
+K_BITS = {"k4": 4, "k5": 5, "k6": 6}     # code bits of the K-quant kinds
+
+
 @dataclass(frozen=True)
 class PackedMatrix:
     """A weight matrix W [n_rows, n_cols] in a kernel layout. See kernels/qmatmul.py."""
 
-    kind: str            # "q4", "q8", "f16", "bf16" or "f32"
+    kind: str            # "q4", "q8", "k4", "k5", "k6", "f16", "bf16" or "f32"
     n_rows: int          # N, output features
     n_cols: int          # K, input features
     act: str             # activation format: "q8_0", "q8_1", "q8_K", "f16", "bf16", "f32"
-    qs: np.ndarray       # codes (q4/q8) or the weights themselves (f16/bf16/f32)
-    d: np.ndarray | None = None
-    m: np.ndarray | None = None
+    qs: np.ndarray       # codes (q4/q8: all bits, k*: the low 4) or the f16/bf16/f32 weights
+    d: np.ndarray | None = None    # scales: per 32-block (q4/q8), per super-block (k*)
+    m: np.ndarray | None = None    # offsets per 32-block (q4/q8), dmin per super-block (k4/k5)
+    qh: np.ndarray | None = None   # k5/k6: the high bits of the codes
+    sc: np.ndarray | None = None   # k*: integer sub-block scales
+    mn: np.ndarray | None = None   # k4/k5: integer sub-block mins
+
+    FIELDS = ("qs", "d", "m", "qh", "sc", "mn")
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The tiled arrays this matrix holds, by field name."""
+        return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
 
     @property
     def block(self) -> int:
@@ -60,7 +80,7 @@ class PackedMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.qs, self.d, self.m) if a is not None)
+        return sum(a.nbytes for a in self.arrays.values())
 
 
 def choose_tile(n_rows: int, n_threads: int) -> int:
@@ -72,28 +92,9 @@ def choose_tile(n_rows: int, n_threads: int) -> int:
     return -(-rows // TILE_ALIGN) * TILE_ALIGN
 
 
-def tile_rows(a: np.ndarray, tile: int) -> np.ndarray:
-    """[N, ...] -> [G, ..., T]: rows grouped in tiles of T, the row axis moved innermost.
-
-    Filled one tile at a time, so the only scratch is the result (rows past N are zeros).
-    """
-    n = a.shape[0]
-    groups = -(-n // tile)
-    out = np.zeros((groups, *a.shape[1:], tile), a.dtype)
-    for g in range(groups):
-        rows = a[g * tile:(g + 1) * tile]                                # [T, ...]
-        out[g, ..., :len(rows)] = np.moveaxis(rows, 0, -1)
-    return out
-
-
-def untile_rows(a: np.ndarray, n_rows: int) -> np.ndarray:
-    """Inverse of tile_rows."""
-    a = np.moveaxis(a, -1, 1)
-    return a.reshape(-1, *a.shape[2:])[:n_rows]
-
-
 # ---------------------------------------------------------------------------------------------
-# Splitting GGUF blocks into codes and scales. Each returns q [N, K] and d, m [N, K/block].
+# Splitting GGUF blocks into their fields. Q4_0/Q4_1/Q8_0: codes [N, K/32, 16 or 32] and fp16
+# bits d, m [N, K/32] (m None for Q8_0).
 
 def _f16(raw: np.ndarray) -> np.ndarray:
     """Two bytes per value -> fp16 bits as uint16 (copies, so unaligned input is fine)."""
@@ -115,16 +116,14 @@ def _split_q8_0(blocks):   # 34 bytes: d fp16 | 32 int8;  w = d * q
 
 
 def _k_scales_mins(scales12):
-    """[..., 12] packed bytes -> the 8 (scale, min) pairs [..., 8] of each super-block."""
+    """[..., 12] packed bytes -> the 8 (scale, min) pairs [..., 8] of each super-block, uint8."""
     sc, mn = k_scales_mins(scales12.reshape(-1, 12))
-    return sc.reshape(*scales12.shape[:-1], 8), mn.reshape(*scales12.shape[:-1], 8)
+    shape = (*scales12.shape[:-1], 8)
+    return sc.astype(np.uint8).reshape(shape), mn.astype(np.uint8).reshape(shape)
 
 
-def _kquant_scales(blocks, sc, mn):
-    d = _f16(blocks[..., 0:2]).view(np.float16).astype(np.float32)[..., None]
-    dmin = _f16(blocks[..., 2:4]).view(np.float16).astype(np.float32)[..., None]
-    return d * sc, -(dmin * mn)
-
+# K-quant splitters: -> (codes [..., 256] uint8, d, dmin fp16 bits [...], sc, mn [..., 8|16]).
+# Codes are unsigned: Q4_K 0..15, Q5_K 0..31, Q6_K 0..63 (its weight is d * sc * (q - 32)).
 
 def _split_q4_k(blocks):
     # 144 bytes: d | dmin | 12 bytes scales | 128 bytes nibbles. Each 32 bytes of nibbles hold
@@ -132,8 +131,8 @@ def _split_q4_k(blocks):
     sc, mn = _k_scales_mins(blocks[..., 4:16])
     nib = blocks[..., 16:].reshape(*blocks.shape[:-1], 4, 32)
     q = np.stack([nib & 0x0F, nib >> 4], axis=-2)                      # [..., 4, 2, 32]
-    d, m = _kquant_scales(blocks, sc, mn)
-    return q.reshape(*blocks.shape[:-1], QK_K), d, m
+    return (q.reshape(*blocks.shape[:-1], QK_K), _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4]),
+            sc, mn)
 
 
 def _split_q5_k(blocks):
@@ -145,8 +144,8 @@ def _split_q5_k(blocks):
     bit = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)                  # sub-block i uses bit i
     high = (qh[..., None, None, :] >> bit) & 1
     q = low | (high << 4)
-    d, m = _kquant_scales(blocks, sc, mn)
-    return q.reshape(*blocks.shape[:-1], QK_K), d, m
+    return (q.reshape(*blocks.shape[:-1], QK_K), _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4]),
+            sc, mn)
 
 
 def _split_q6_k(blocks):
@@ -155,82 +154,125 @@ def _split_q6_k(blocks):
     lead = blocks.shape[:-1]
     ql = blocks[..., 0:128].reshape(*lead, 2, 64)
     qh = blocks[..., 128:192].reshape(*lead, 2, 32)
-    sc = blocks[..., 192:208].view(np.int8).astype(np.float32)          # [..., 16]
-    d = _f16(blocks[..., 208:210]).view(np.float16).astype(np.float32)[..., None]
     low = np.stack([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F,
                     ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-2)     # [..., 2, 4, 32]
     shift = (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)
     high = (qh[..., None, :] >> shift) & 3                               # [..., 2, 4, 32]
-    q = (low | (high << 4)).astype(np.int16) - 32
-    return q.reshape(*lead, QK_K).astype(np.int8), d * sc, None
+    q = low | (high << 4)
+    sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8)       # [..., 16]
+    return q.reshape(*lead, QK_K), _f16(blocks[..., 208:210]), None, sc, None
 
 
-# type -> (packed kind, block elements, block bytes, split function, sub-block size)
+def _encode_codes(q: np.ndarray, bits: int):
+    """Codes [N, K] (bits wide) -> nibbles [N, K/bs, bs/2] and high bits [N, K/bs, 4] (or None),
+    with sub-blocks of bs = 16 for 6-bit codes and 32 otherwise (layouts in kernels/qmatmul.py).
+    """
+    n = q.shape[0]
+    half = 8 if bits == 6 else 16
+    v = q.reshape(n, -1, 2, half)                                        # [N, K/bs, 2, half]
+    nibbles = (v[:, :, 0] & 0x0F) | ((v[:, :, 1] & 0x0F) << 4)
+    if bits == 4:
+        return nibbles, None
+    shifts, per_byte = _high_bit_shifts(bits)
+    high = (v >> 4).reshape(n, v.shape[1], 2, half // per_byte, per_byte).astype(np.uint8)
+    qh = np.bitwise_or.reduce(high << shifts, axis=(2, 4))               # [N, K/bs, 4] uint8
+    return nibbles, qh
+
+
+def _decode_codes(nibbles: np.ndarray, qh: np.ndarray | None, bits: int) -> np.ndarray:
+    """Inverse of _encode_codes: nibbles (+ high bits) of R rows -> codes [R, K] int64."""
+    v = np.stack([nibbles & 0x0F, nibbles >> 4], axis=2).astype(np.int64)  # [R, K/bs, 2, half]
+    if bits > 4:
+        shifts, per_byte = _high_bit_shifts(bits)
+        high = (qh[:, :, None, :, None] >> shifts) & ((1 << (bits - 4)) - 1)
+        v |= high.reshape(v.shape) << 4
+    return v.reshape(len(v), -1)
+
+
+def _high_bit_shifts(bits: int):
+    """Bit position of each (half, j % per_byte) in a high-bit byte, shaped [2, 1, per_byte]."""
+    width = bits - 4                                     # high bits per element: 1 or 2
+    per_byte = 4 // width                                # pairs (j, j + bs/2) per byte: 4 or 2
+    shifts = 2 * width * np.arange(per_byte) + width * np.arange(2)[:, None, None]
+    return shifts.astype(np.uint8), per_byte
+
+
+# type -> (packed kind, block elements, block bytes, split function)
 _SPLIT = {
-    QT.Q4_0: ("q4", QK, 18, _split_q4_0, QK),
-    QT.Q4_1: ("q4", QK, 20, _split_q4_1, QK),
-    QT.Q8_0: ("q8", QK, 34, _split_q8_0, QK),
-    QT.Q4_K: ("q4", QK_K, 144, _split_q4_k, QK),
-    QT.Q5_K: ("q8", QK_K, 176, _split_q5_k, QK),
-    QT.Q6_K: ("q8", QK_K, 210, _split_q6_k, 16),
+    QT.Q4_0: ("q4", QK, 18, _split_q4_0),
+    QT.Q4_1: ("q4", QK, 20, _split_q4_1),
+    QT.Q8_0: ("q8", QK, 34, _split_q8_0),
+    QT.Q4_K: ("k4", QK_K, 144, _split_q4_k),
+    QT.Q5_K: ("k5", QK_K, 176, _split_q5_k),
+    QT.Q6_K: ("k6", QK_K, 210, _split_q6_k),
 }
 
 
 def pack_gguf(raw: np.ndarray, qtype: QT, n_rows: int, n_cols: int, n_threads: int,
               name: str = "tensor") -> PackedMatrix:
     """GGUF tensor data (rows of blocks, as gguf.GGUFReader maps it) -> PackedMatrix."""
+    return pack_stacked([(raw, n_rows)], qtype, n_cols, n_threads, name)
+
+
+def pack_stacked(parts: list[tuple[np.ndarray, int]], qtype: QT, n_cols: int, n_threads: int,
+                 name: str = "tensor") -> PackedMatrix:
+    """Tensors of one type and width, given as (raw data, rows), stacked by rows into one
+    PackedMatrix: q|k|v or gate|up then take one kernel call and one activation quantization.
+
+    Packed one tile at a time, straight into the result: the only scratch is one tile's fields.
+    """
     if qtype not in ACTIVATION_FORMAT:
         supported = ", ".join(t.name for t in SUPPORTED)
         raise UnsupportedQuantError(
             f"{name}: quantization type {qtype.name} is not supported (supported: {supported})")
-    tile = choose_tile(n_rows, n_threads)
     act = ACTIVATION_FORMAT[qtype]
     if qtype in (QT.F16, QT.BF16, QT.F32):
+        kind = act
         dtype = np.float32 if qtype == QT.F32 else np.uint16
-        w = np.ascontiguousarray(raw).view(dtype).reshape(n_rows, n_cols)
-        return PackedMatrix(act, n_rows, n_cols, act, tile_rows(w, tile))
-    kind, per_block, nbytes, split, sub = _SPLIT[qtype]
-    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(n_rows, n_cols // per_block, nbytes)
-    q, d, m = split(blocks)
-    nsub = n_cols // sub
-    d = d.reshape(n_rows, nsub)
-    m = m.reshape(n_rows, nsub) if m is not None else None
-    if kind == "q4":
-        # Canonical nibble order: byte j of each 32-block = element j | element j+16 << 4.
-        if qtype in (QT.Q4_0, QT.Q4_1):
-            codes = q.reshape(n_rows, nsub, 16)
-        else:
-            vals = q.reshape(n_rows, nsub, 2, 16)
-            codes = vals[:, :, 0] | (vals[:, :, 1] << 4)
-        qs = tile_rows(np.ascontiguousarray(codes, dtype=np.uint8), tile)
+        sources = [np.ascontiguousarray(raw).view(dtype).reshape(n, n_cols) for raw, n in parts]
     else:
-        qs = tile_rows(q.reshape(n_rows, nsub, sub).view(np.int8), tile)
-    d_t = tile_rows(d, tile)
-    m_t = tile_rows(m, tile) if m is not None else None
-    return PackedMatrix(kind, n_rows, n_cols, act, qs, d_t, m_t)
-
-
-def concat_rows(parts: list[PackedMatrix], n_threads: int) -> PackedMatrix:
-    """Stack matrices with the same input and format into one (e.g. q, k, v -> qkv).
-
-    One kernel call then computes all of them from one activation quantization.
-    """
-    first = parts[0]
-    if any(p.kind != first.kind or p.n_cols != first.n_cols or p.act != first.act
-           or (p.d is None) != (first.d is None) or (p.m is None) != (first.m is None)
-           or (p.d is not None and p.d.dtype != first.d.dtype) for p in parts):
-        return None
-    n_rows = sum(p.n_rows for p in parts)
+        kind, per_block, nbytes, _ = _SPLIT[qtype]
+        sources = [np.ascontiguousarray(raw).view(np.uint8).reshape(n, n_cols // per_block, nbytes)
+                   for raw, n in parts]
+    n_rows = sum(n for _, n in parts)
     tile = choose_tile(n_rows, n_threads)
+    groups = -(-n_rows // tile)
+    out = None
+    for g in range(groups):
+        rows = _row_range(sources, g * tile, min((g + 1) * tile, n_rows))
+        fields = {"qs": rows} if kind == act else _split_fields(qtype, rows, n_cols)
+        if out is None:       # rows past n_rows stay zero
+            out = {f: np.zeros((groups, *a.shape[1:], tile), a.dtype) for f, a in fields.items()}
+        for f, a in fields.items():
+            out[f][g, ..., :len(a)] = np.moveaxis(a, 0, -1)
+    return PackedMatrix(kind, n_rows, n_cols, act, **out)
 
-    def stack(arrs):
-        return tile_rows(np.concatenate([untile_rows(a, p.n_rows) for a, p in zip(arrs, parts)]),
-                         tile)
 
-    qs = stack([p.qs for p in parts])
-    d = stack([p.d for p in parts]) if first.d is not None else None
-    m = stack([p.m for p in parts]) if first.m is not None else None
-    return PackedMatrix(first.kind, n_rows, first.n_cols, first.act, qs, d, m)
+def _row_range(sources: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of the sources stacked (a view when they lie in one source)."""
+    pieces, offset = [], 0
+    for src in sources:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(src))
+        if lo < hi:
+            pieces.append(src[lo:hi])
+        offset += len(src)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _split_fields(qtype: QT, blocks: np.ndarray, n_cols: int) -> dict[str, np.ndarray]:
+    """GGUF blocks [R, blocks per row, block bytes] -> the packed fields of those R rows."""
+    kind, _, _, split = _SPLIT[qtype]
+    R = len(blocks)
+    if kind not in K_BITS:
+        # q4 codes are already in canonical nibble order: byte j = element j | element j+16 << 4
+        q, d, m = split(blocks)                                         # [R, K/32, 16 or 32]
+        fields = dict(qs=q, d=d, m=m)
+    else:
+        q, d, dmin, sc, mn = split(blocks)
+        qs, qh = _encode_codes(q.reshape(R, n_cols), K_BITS[kind])
+        fields = dict(qs=qs, d=d, m=dmin, qh=qh, sc=sc.reshape(R, -1),
+                      mn=mn.reshape(R, -1) if mn is not None else None)
+    return {f: a for f, a in fields.items() if a is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +293,13 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty((x.shape[0], w.n_rows), np.float32)
-    if w.kind in ("q4", "q8"):
+    if w.kind in K_BITS:
+        xq, xd, bsums = quantize_activations_q8_k(x)
+        qh = w.qh if w.qh is not None else _NO_HIGH_BITS
+        mn = w.mn if w.mn is not None else _NO_MINS
+        dmin = w.m if w.m is not None else _NO_OFFSETS
+        matmul_kquant(w.qs, qh, w.sc, mn, w.d, dmin, K_BITS[w.kind], xq, xd, bsums, out)
+    elif w.kind in ("q4", "q8"):
         xq, xd, xs = quantize_activations(x, w.act, w.block)
         m = w.m if w.m is not None else _NO_OFFSETS
         kernel = matmul_q4 if w.kind == "q4" else matmul_q8
@@ -263,33 +311,20 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
     return out
 
 
-_NO_OFFSETS = np.zeros((1, 0, 1), np.float32)
+# Stand-ins for the fields a kind does not have, so each kernel keeps one signature.
+_NO_OFFSETS = np.zeros((1, 0, 1), np.uint16)
+_NO_HIGH_BITS = np.zeros((1, 1, 0, 1), np.uint8)
+_NO_MINS = np.zeros((1, 0, 1), np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
 # NumPy references.
 
-def _unpacked(w: PackedMatrix):
-    """Codes q [N, K/bs, bs] (int), scales d and offsets m [N, K/bs] float32 of a q4/q8 W."""
-    d = _widen_scales(untile_rows(w.d, w.n_rows))
-    m = _widen_scales(untile_rows(w.m, w.n_rows)) if w.m is not None else np.zeros_like(d)
-    codes = untile_rows(w.qs, w.n_rows)
-    if w.kind == "q4":                                                  # [N, K/32, 16] bytes
-        codes = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)      # [N, K/32, 32]
-    return codes.astype(np.int64), d, m
-
-
-def dequantize_packed(w: PackedMatrix) -> np.ndarray:
-    """The packed matrix as dense float32 [N, K] (for tests and references only)."""
-    if w.kind == "f32":
-        return untile_rows(w.qs, w.n_rows).copy()
-    if w.kind in ("f16", "bf16"):
-        bits = untile_rows(w.qs, w.n_rows)
-        if w.kind == "f16":
-            return bits.view(np.float16).astype(np.float32)
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    q, d, m = _unpacked(w)
-    return (d[..., None] * q.astype(np.float32) + m[..., None]).reshape(w.n_rows, w.n_cols)
+def _gather(w: PackedMatrix, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Each field of the selected rows, untiled: [len(rows), ...]."""
+    tile = w.qs.shape[-1]
+    g, t = rows // tile, rows % tile
+    return {f: a[g, ..., t] for f, a in w.arrays.items()}
 
 
 def _widen_scales(s: np.ndarray) -> np.ndarray:
@@ -298,17 +333,65 @@ def _widen_scales(s: np.ndarray) -> np.ndarray:
     return out
 
 
+def _codes_and_scales(w: PackedMatrix, f: dict[str, np.ndarray]):
+    """Integer codes q [R, K/bs, bs] and float32 scale d and offset m [R, K/bs] per block,
+    w = d * q + m, for the rows `f` of a quantized W (bs = 32, or 16 for k6)."""
+    R = len(f["qs"])
+    if w.kind in K_BITS:
+        bits = K_BITS[w.kind]
+        q = _decode_codes(f["qs"], f.get("qh"), bits)                   # [R, K]
+        sub = f["sc"].shape[1] // f["d"].shape[1]                        # sub-blocks per 256
+        d = np.repeat(_widen_scales(f["d"]), sub, axis=1) * f["sc"].astype(np.float32)
+        if bits == 6:
+            q, m = q - 32, np.zeros_like(d)
+        else:
+            m = -(np.repeat(_widen_scales(f["m"]), sub, axis=1) * f["mn"].astype(np.float32))
+        return q.reshape(R, d.shape[1], -1), d, m
+    d = _widen_scales(f["d"])
+    m = _widen_scales(f["m"]) if "m" in f else np.zeros_like(d)
+    codes = f["qs"]
+    if w.kind == "q4":                                                  # [R, K/32, 16] bytes
+        codes = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)      # [R, K/32, 32]
+    return codes.astype(np.int64), d, m
+
+
+def packed_rows(w: PackedMatrix, rows: np.ndarray) -> np.ndarray:
+    """Dequantize selected rows of W: [len(rows), K] float32 (ggml get_rows: embeddings)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    f = _gather(w, rows)
+    if w.kind == "f32":
+        return f["qs"]
+    if w.kind in ("f16", "bf16"):
+        bits = f["qs"]
+        if w.kind == "f16":
+            return bits.view(np.float16).astype(np.float32)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    q, d, m = _codes_and_scales(w, f)
+    return (d[..., None] * q.astype(np.float32) + m[..., None]).reshape(len(rows), w.n_cols)
+
+
+def dequantize_packed(w: PackedMatrix) -> np.ndarray:
+    """The packed matrix as dense float32 [N, K] (for tests and references only)."""
+    return packed_rows(w, np.arange(w.n_rows))
+
+
 def matmul_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
-    """Reference for `matmul`, in float64, written as ggml's vec_dot formula per block:
-    y[b, n] = sum over blocks k of  d[n,k] * xd[b,k] * sum_j(q[n,k,j] * xq[b,k,j]) + m[n,k] * xs[b,k]
+    """Reference for `matmul`, in float64, written as ggml's vec_dot formulas. Per block k:
+        y[b, n] = sum_k  d[n,k] * xd[b,k] * sum_j(q[n,k,j] * xq[b,k,j])  +  m[n,k] * xs[b,k]
+    and for the K-quants per super-block s, over its sub-blocks k (isum as above, bsum the
+    activations' sum over sub-block k):
+        y[b, n] = sum_s  d[n,s] * xd[b,s] * sum_k(sc[n,k] * isum[b,n,k])
+                       - dmin[n,s] * xd[b,s] * sum_k(mn[n,k] * bsum[b,k])
     """
     x = np.asarray(x, dtype=np.float32)
+    if w.kind in K_BITS:
+        return _matmul_k_ref(w, x)
     if w.kind not in ("q4", "q8"):
         dense = dequantize_packed(w).astype(np.float64)
         return (_round_activations(x, w.act).astype(np.float64) @ dense.T).astype(np.float32)
     B = x.shape[0]
     xq, xd, xs = quantize_activations_ref(x, w.act, w.block)
-    q, d, m = _unpacked(w)                                               # [N, nb, bs], [N, nb]
+    q, d, m = _codes_and_scales(w, _gather(w, np.arange(w.n_rows)))     # [N, nb, bs], [N, nb]
     xq = xq.reshape(B, q.shape[1], q.shape[2]).astype(np.int64)          # [B, nb, bs]
     isum = np.einsum("bkj,nkj->bnk", xq, q)                              # [B, N, nb] exact
     y = (d[None].astype(np.float64) * xd[:, None, :] * isum
@@ -316,22 +399,22 @@ def matmul_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
     return y.sum(-1).astype(np.float32)
 
 
-def packed_rows(w: PackedMatrix, rows: np.ndarray) -> np.ndarray:
-    """Dequantize selected rows of W: [len(rows), K] float32 (ggml get_rows: embeddings)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    tile = w.qs.shape[-1]
-    g, t = rows // tile, rows % tile
-    if w.kind == "f32":
-        return w.qs[g, :, t]
-    if w.kind in ("f16", "bf16"):
-        bits = w.qs[g, :, t]
-        if w.kind == "f16":
-            return bits.view(np.float16).astype(np.float32)
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    codes = w.qs[g, :, :, t]                                            # [R, K/bs, bs or 16]
-    d = _widen_scales(np.ascontiguousarray(w.d[g, :, t]))                 # [R, K/bs]
-    m = (_widen_scales(np.ascontiguousarray(w.m[g, :, t])) if w.m is not None
-         else np.zeros_like(d))
-    if w.kind == "q4":
-        codes = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)
-    return (d[..., None] * codes.astype(np.float32) + m[..., None]).reshape(len(rows), w.n_cols)
+def _matmul_k_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
+    B, K = x.shape
+    N, S = w.n_rows, K // QK_K
+    f = _gather(w, np.arange(N))
+    bits = K_BITS[w.kind]
+    q = _decode_codes(f["qs"], f.get("qh"), bits) - (32 if bits == 6 else 0)   # [N, K] signed
+    xq, xd, bsums = quantize_activations_q8_k_ref(x)                    # [B, K], [B, S], [B, K/16]
+    sc = f["sc"].astype(np.int64)                                        # [N, K/bs]
+    bs = K // sc.shape[1]
+    isum = np.einsum("bkj,nkj->bnk", xq.reshape(B, -1, bs).astype(np.int64),
+                     q.reshape(N, -1, bs))                               # [B, N, K/bs] exact
+    itot = (isum * sc[None]).reshape(B, N, S, -1).sum(-1)                # [B, N, S] exact
+    dx = xd.astype(np.float64)[:, None, :]                               # [B, 1, S]
+    y = _widen_scales(f["d"]).astype(np.float64)[None] * dx * itot
+    if bits != 6:
+        bsum32 = bsums.reshape(B, -1, 2).sum(-1).astype(np.int64)       # [B, K/32]
+        imin = (bsum32[:, None, :] * f["mn"].astype(np.int64)[None]).reshape(B, N, S, -1)
+        y -= _widen_scales(f["m"]).astype(np.float64)[None] * dx * imin.sum(-1)
+    return y.sum(-1).astype(np.float32)

@@ -12,17 +12,33 @@ flat, dependency-free loop that LLVM vectorizes on any SIMD width (AVX-512, AVX2
 Packed layouts, with G = ceil(N / T) tiles (rows past N are zero padding):
     q4   qs [G, K/32, 16, T] uint8   byte j of a 32-block holds element j (low nibble) and
                                      element j+16 (high nibble), value q in 0..15
-         d, m [G, K/32, T]           w = d * q + m      (fp16 bits as uint16, or float32)
-    q8   qs [G, K/bs, bs, T] int8    value q, block size bs = 32 (or 16 for Q6_K)
-         d [G, K/bs, T], m likewise or with a zero-length block axis when absent
+         d, m [G, K/32, T]           w = d * q + m      (fp16 bits as uint16)
+    q8   qs [G, K/32, 32, T] int8    value q
+         d [G, K/32, T], m likewise or with a zero-length block axis when absent
+    k4, k5, k6 (Q4_K, Q5_K, Q6_K): sub-blocks of bs = 32 (k4, k5) or 16 (k6), eight or
+         sixteen to a 256-element super-block
+         qs [G, K/bs, bs/2, T] uint8 the low 4 bits of the codes, byte j pairing element j (low
+                                     nibble) with element j + bs/2 (high nibble), as q4 does
+         qh [G, K/bs, 4, T] uint8    the codes' high bits (k5: 1, k6: 2 per element; none for
+                                     k4): byte j // P holds element j's at bit 2*W*(j % P) and
+                                     element j + bs/2's W bits above, with W = bits - 4 high
+                                     bits per element and P = 4 // W pairs per byte
+         d, m [G, K/256, T]          super-block scale d and (k4, k5) min scale dmin, fp16 bits
+         sc [G, K/bs, T]             sub-block scales, uint8 (6 bit) for k4/k5, int8 for k6
+         mn [G, K/bs, T] uint8       k4, k5: sub-block mins (6 bit)
+                                     k4, k5: w = d*sc*q - dmin*mn;  k6: w = d*sc*(q - 32)
     f16 / bf16 / f32  w [G, K, T]    raw 16-bit patterns (uint16) or float32
 
 Arithmetic per block (ggml's vec_dot, e.g. ggml_vec_dot_q4_1_q8_1): with activations quantized
 to xq, xd, xs (kernels/actquant.py) the block contributes
     d_w * xd * sum_j(q_w[j] * xq[j])  +  m_w * xs
-with the integer sum exact. Each output element accumulates its blocks in the same order
-whatever the batch size, so a token's result does not depend on which other tokens share the
-batch: batches are bit-for-bit invariant.
+with the integer sum exact. The K-quants follow ggml_vec_dot_qN_K_q8_K instead: everything
+inside a super-block stays integer, sub-block sums weighted by their integer scales (and
+mins against the activation block sums), and only the super-block total is scaled:
+    d_w * xd * sum_s(sc[s] * isum[s])  -  dmin_w * xd * sum_s(mn[s] * bsum[s])
+Each output element accumulates its blocks in the same order whatever the batch size, so a
+token's result does not depend on which other tokens share the batch: batches are bit-for-bit
+invariant.
 """
 
 import numpy as np
@@ -118,6 +134,137 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
                     irow = isum[bb]
                     for t in range(T):
                         arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
+            rows = min(T, N - g * T)
+            for bb in range(nbt):
+                out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
+
+
+@njit(parallel=True, cache=True)
+def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
+    """out [B, N] for a K-quant W with `bits`-bit codes (k4, k5, k6 layouts above).
+
+    xq [B, K] int8, xd [B, K/256] float32 and bsums [B, K/16] int32 are the q8_K activations.
+    For k6 `mn` and `dmin` are unused: its codes are q + 32, so 32 * bsum is subtracted instead.
+    """
+    G, nb, half, T = qs.shape
+    bs = 2 * half                                  # elements per sub-block
+    per_super = 256 // bs                          # sub-blocks per super-block
+    B = xq.shape[0]
+    N = out.shape[1]
+    accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
+    itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
+    imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
+    isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
+    weights = np.empty((G, 2, T), np.int32)
+    scales = np.zeros((G, 2, T), np.float32)
+    for g in prange(G):
+        acc, itot, imin, isum = accs[g], itots[g], imins[g], isums[g]
+        s0, s1 = weights[g, 0], weights[g, 1]      # the sub-block's scale and min
+        dw, mw = scales[g, 0], scales[g, 1]        # the super-block's d and dmin
+        for b0 in range(0, B, TOKEN_CHUNK):
+            nbt = min(TOKEN_CHUNK, B - b0)
+            acc[:nbt] = 0.0
+            for isb in range(nb // per_super):
+                itot[:nbt] = 0
+                imin[:nbt] = 0
+                for ib in range(isb * per_super, (isb + 1) * per_super):
+                    isum[:nbt] = 0
+                    o = ib * bs
+                    if bits == 4:
+                        for j in range(half):
+                            qrow = qs[g, ib, j]                          # [T] uint8
+                            for bb in range(nbt):
+                                xlo = np.int32(xq[b0 + bb, o + j])
+                                xhi = np.int32(xq[b0 + bb, o + half + j])
+                                row = isum[bb]
+                                for t in range(T):
+                                    q = np.int32(qrow[t])
+                                    row[t] += (q & 15) * xlo + (q >> 4) * xhi
+                    elif bits == 5:
+                        # High-bit byte r holds elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1).
+                        for r in range(4):
+                            h_row = qh[g, ib, r]
+                            q0, q1 = qs[g, ib, 4 * r], qs[g, ib, 4 * r + 1]
+                            q2, q3 = qs[g, ib, 4 * r + 2], qs[g, ib, 4 * r + 3]
+                            for bb in range(nbt):
+                                xr = xq[b0 + bb]
+                                e = o + 4 * r
+                                x0, x1 = np.int32(xr[e]), np.int32(xr[e + 1])
+                                x2, x3 = np.int32(xr[e + 2]), np.int32(xr[e + 3])
+                                y0, y1 = np.int32(xr[e + 16]), np.int32(xr[e + 17])
+                                y2, y3 = np.int32(xr[e + 18]), np.int32(xr[e + 19])
+                                row = isum[bb]
+                                for t in range(T):
+                                    h = np.int32(h_row[t])
+                                    a, b = np.int32(q0[t]), np.int32(q1[t])
+                                    c, d4 = np.int32(q2[t]), np.int32(q3[t])
+                                    row[t] += (((a & 15) | ((h & 1) << 4)) * x0
+                                               + ((a >> 4) | ((h & 2) << 3)) * y0
+                                               + ((b & 15) | ((h & 4) << 2)) * x1
+                                               + ((b >> 4) | ((h & 8) << 1)) * y1
+                                               + ((c & 15) | (h & 16)) * x2
+                                               + ((c >> 4) | ((h & 32) >> 1)) * y2
+                                               + ((d4 & 15) | ((h & 64) >> 2)) * x3
+                                               + ((d4 >> 4) | ((h & 128) >> 3)) * y3)
+                    else:
+                        # High-bit byte r holds elements 2r+i (bits 4i..4i+1) and 2r+i+8 (+2).
+                        for r in range(0, 4, 2):
+                            h_row, h_row1 = qh[g, ib, r], qh[g, ib, r + 1]
+                            q0, q1 = qs[g, ib, 2 * r], qs[g, ib, 2 * r + 1]
+                            q2, q3 = qs[g, ib, 2 * r + 2], qs[g, ib, 2 * r + 3]
+                            for bb in range(nbt):
+                                xr = xq[b0 + bb]
+                                e = o + 2 * r
+                                x0, x1 = np.int32(xr[e]), np.int32(xr[e + 1])
+                                x2, x3 = np.int32(xr[e + 2]), np.int32(xr[e + 3])
+                                y0, y1 = np.int32(xr[e + 8]), np.int32(xr[e + 9])
+                                y2, y3 = np.int32(xr[e + 10]), np.int32(xr[e + 11])
+                                row = isum[bb]
+                                for t in range(T):
+                                    h, k = np.int32(h_row[t]), np.int32(h_row1[t])
+                                    a, b = np.int32(q0[t]), np.int32(q1[t])
+                                    c, d4 = np.int32(q2[t]), np.int32(q3[t])
+                                    row[t] += (((a & 15) | ((h & 3) << 4)) * x0
+                                               + ((a >> 4) | ((h & 12) << 2)) * y0
+                                               + ((b & 15) | (h & 48)) * x1
+                                               + ((b >> 4) | ((h & 192) >> 2)) * y1
+                                               + ((c & 15) | ((k & 3) << 4)) * x2
+                                               + ((c >> 4) | ((k & 12) << 2)) * y2
+                                               + ((d4 & 15) | (k & 48)) * x3
+                                               + ((d4 >> 4) | ((k & 192) >> 2)) * y3)
+                    for t in range(T):
+                        s0[t] = np.int32(sc[g, ib, t])
+                    if bits == 6:
+                        for bb in range(nbt):
+                            c = 32 * np.int32(bsums[b0 + bb, ib])
+                            tot = itot[bb]
+                            row = isum[bb]
+                            for t in range(T):
+                                tot[t] += s0[t] * (row[t] - c)
+                    else:
+                        for t in range(T):
+                            s1[t] = np.int32(mn[g, ib, t])
+                        for bb in range(nbt):
+                            bsum = np.int32(bsums[b0 + bb, 2 * ib]) + np.int32(
+                                bsums[b0 + bb, 2 * ib + 1])
+                            tot = itot[bb]
+                            mins = imin[bb]
+                            row = isum[bb]
+                            for t in range(T):
+                                tot[t] += s0[t] * row[t]
+                                mins[t] += s1[t] * bsum
+                for t in range(T):
+                    dw[t] = f16_to_f32(d[g, isb, t])
+                if bits != 6:
+                    for t in range(T):
+                        mw[t] = f16_to_f32(dmin[g, isb, t])
+                for bb in range(nbt):
+                    dx = xd[b0 + bb, isb]
+                    arow = acc[bb]
+                    tot = itot[bb]
+                    mins = imin[bb]
+                    for t in range(T):
+                        arow[t] += dw[t] * dx * np.float32(tot[t]) - mw[t] * dx * np.float32(mins[t])
             rows = min(T, N - g * T)
             for bb in range(nbt):
                 out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]

@@ -17,7 +17,7 @@ import numpy as np
 from edgelora_np.errors import GGUFFormatError
 from edgelora_np.gguf.quants import dequantize
 from edgelora_np.gguf.reader import GGUFFile, TensorInfo
-from edgelora_np.kernels.pack import PackedMatrix, concat_rows, pack_gguf
+from edgelora_np.kernels.pack import PackedMatrix, pack_stacked
 from edgelora_np.model.config import LlamaConfig
 
 # The seven linear projections of a block that LoRA adapters may target, in GGUF naming.
@@ -60,29 +60,32 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
         gf.release(t)
         return v
 
-    def matrix(name: str, rows: int, cols: int) -> PackedMatrix:
-        t = _expect(gf, name, (rows, cols))
-        packed = pack_gguf(t.data, t.qtype, rows, cols, n_threads, name)
-        gf.release(t)
+    def matrices(shapes: dict[str, tuple[int, int]]) -> tuple[PackedMatrix, ...]:
+        """The named matrices, stacked by rows into one when they share a type (q|k|v,
+        gate|up: one kernel call and one activation quantization for all of them)."""
+        infos = [_expect(gf, name, shape) for name, shape in shapes.items()]
+        groups = [infos] if len({t.qtype for t in infos}) == 1 else [[t] for t in infos]
+        packed = tuple(pack_stacked([(t.data, t.shape[0]) for t in group], group[0].qtype,
+                                    group[0].shape[1], n_threads, "+".join(t.name for t in group))
+                       for group in groups)
+        for t in infos:
+            gf.release(t)
         return packed
 
-    def fused(parts: list[PackedMatrix]) -> tuple[PackedMatrix, ...]:
-        joined = concat_rows(parts, n_threads)
-        return (joined,) if joined is not None else tuple(parts)
+    def matrix(name: str, rows: int, cols: int) -> PackedMatrix:
+        return matrices({name: (rows, cols)})[0]
 
-    # The embedding first: its repacking needs the most scratch, best taken while little else
-    # is resident.
     token_embd = matrix("token_embd.weight", V, D)
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         layers.append(LayerWeights(
             attn_norm=vector(p + "attn_norm.weight", D),
-            qkv=fused([matrix(p + "attn_q.weight", D, D), matrix(p + "attn_k.weight", KVD, D),
-                       matrix(p + "attn_v.weight", KVD, D)]),
+            qkv=matrices({p + "attn_q.weight": (D, D), p + "attn_k.weight": (KVD, D),
+                          p + "attn_v.weight": (KVD, D)}),
             wo=matrix(p + "attn_output.weight", D, D),
             ffn_norm=vector(p + "ffn_norm.weight", D),
-            gate_up=fused([matrix(p + "ffn_gate.weight", F, D), matrix(p + "ffn_up.weight", F, D)]),
+            gate_up=matrices({p + "ffn_gate.weight": (F, D), p + "ffn_up.weight": (F, D)}),
             down=matrix(p + "ffn_down.weight", D, F),
         ))
     output = matrix("output.weight", V, D) if "output.weight" in gf.tensors else token_embd
