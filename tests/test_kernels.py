@@ -170,7 +170,8 @@ def test_pack_stacked_equals_stacking(qtype, n_threads):
                           np.concatenate([pack.matmul(p, x) for p in parts], axis=1))
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K],
+                         ids=lambda t: t.name)
 def test_packed_bytes_stay_close_to_the_file(qtype):
     """Repacking keeps the file's bits per weight: only tile padding (none here: 512 rows) and,
     for Q4_K/Q5_K, the 12-byte scale/min packing widened to 16 bytes are added."""

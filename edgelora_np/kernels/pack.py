@@ -102,9 +102,7 @@ def _f16(raw: np.ndarray) -> np.ndarray:
 
 
 def _split_q4_0(blocks):   # 18 bytes: d fp16 | 16 bytes of nibbles;  w = d * (q - 8)
-    d = _f16(blocks[..., 0:2])
-    m = (-8.0 * d.view(np.float16)).astype(np.float16).view(np.uint16)  # exact: power of 2
-    return blocks[..., 2:], d, m
+    return blocks[..., 2:], _f16(blocks[..., 0:2]), None
 
 
 def _split_q4_1(blocks):   # 20 bytes: d fp16 | m fp16 | 16 bytes of nibbles;  w = d * q + m
@@ -348,7 +346,10 @@ def _codes_and_scales(w: PackedMatrix, f: dict[str, np.ndarray]):
             m = -(np.repeat(_widen_scales(f["m"]), sub, axis=1) * f["mn"].astype(np.float32))
         return q.reshape(R, d.shape[1], -1), d, m
     d = _widen_scales(f["d"])
-    m = _widen_scales(f["m"]) if "m" in f else np.zeros_like(d)
+    if "m" in f:
+        m = _widen_scales(f["m"])
+    else:                      # Q4_0: w = d * (q - 8); Q8_0: w = d * q
+        m = np.float32(-8.0) * d if w.kind == "q4" else np.zeros_like(d)
     codes = f["qs"]
     if w.kind == "q4":                                                  # [R, K/32, 16] bytes
         codes = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)      # [R, K/32, 32]

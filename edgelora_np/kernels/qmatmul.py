@@ -12,7 +12,8 @@ flat, dependency-free loop that LLVM vectorizes on any SIMD width (AVX-512, AVX2
 Packed layouts, with G = ceil(N / T) tiles (rows past N are zero padding):
     q4   qs [G, K/32, 16, T] uint8   byte j of a 32-block holds element j (low nibble) and
                                      element j+16 (high nibble), value q in 0..15
-         d, m [G, K/32, T]           w = d * q + m      (fp16 bits as uint16)
+         d, m [G, K/32, T]           w = d * q + m      (fp16 bits as uint16); Q4_0 has no
+                                     m (a zero-length block axis): w = d * (q - 8)
     q8   qs [G, K/32, 32, T] int8    value q
          d [G, K/32, T], m likewise or with a zero-length block axis when absent
     k4, k5, k6 (Q4_K, Q5_K, Q6_K): sub-blocks of bs = 32 (k4, k5) or 16 (k6), eight or
@@ -52,10 +53,14 @@ TOKEN_CHUNK = 16
 
 @njit(parallel=True, cache=True)
 def matmul_q4(qs, d, m, xq, xd, xs, out):
-    """out [B, N] = dequant(x) @ dequant(W).T for a q4-packed W (see module docstring)."""
+    """out [B, N] = dequant(x) @ dequant(W).T for a q4-packed W (see module docstring).
+
+    `m` with a zero-length block axis means Q4_0: w = d * (q - 8), so the offset is -8 * d.
+    """
     G, nb, half, T = qs.shape
     B = xq.shape[0]
     N = out.shape[1]
+    has_m = m.shape[1] > 0
     accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
     dws = np.empty((G, T), np.float32)
@@ -81,7 +86,12 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
                             row[t] += (q & 15) * xlo + (q >> 4) * xhi
                 for t in range(T):
                     dw[t] = scale_f32(d[g, ib, t])
-                    mw[t] = scale_f32(m[g, ib, t])
+                if has_m:
+                    for t in range(T):
+                        mw[t] = scale_f32(m[g, ib, t])
+                else:
+                    for t in range(T):
+                        mw[t] = np.float32(-8.0) * dw[t]
                 for bb in range(nbt):
                     dx = xd[b0 + bb, ib]
                     sx = xs[b0 + bb, ib]
