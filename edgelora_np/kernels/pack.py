@@ -36,7 +36,7 @@ from edgelora_np.kernels.qmatmul import (
 
 MAX_TILE = 512     # rows per tile; bounds the per-thread accumulators
 TILE_ALIGN = 16    # tiles are a whole number of 512-bit float32 vectors
-QK = 32            # elements per block of Q4_0/Q4_1/Q8_0 (and per K-quant sub-block)
+QK = 32            # elements per block of Q4_0/Q4_1/Q8_0
 QK_K = 256         # elements per K-quant super-block
 
 # ggml's vec_dot_type: the format activations are quantized to for each weight type.
