@@ -85,13 +85,13 @@ def quantize_act_q8_k(x, xq, xd, bsums):
                 bsums[b, isb * (QK_K // 16) + g] = total
 
 
-def quantize_activations(x: np.ndarray, fmt: str, block: int = QK8):
-    """x [B, K] float32 -> (xq int8 [B, K], xd, xs float32 [B, K/block]), fmt q8_0 or q8_1."""
+def quantize_activations(x: np.ndarray, fmt: str):
+    """x [B, K] float32 -> (xq int8 [B, K], xd, xs float32 [B, K/32]), fmt q8_0 or q8_1."""
     B, K = x.shape
     xq = np.empty((B, K), np.int8)
-    xd = np.empty((B, K // block), np.float32)
-    xs = np.empty((B, K // block), np.float32)
-    quantize_act_q8(x, block, fmt == "q8_1", xq, xd, xs)
+    xd = np.empty((B, K // QK8), np.float32)
+    xs = np.empty((B, K // QK8), np.float32)
+    quantize_act_q8(x, QK8, fmt == "q8_1", xq, xd, xs)
     return xq, xd, xs
 
 
@@ -108,10 +108,10 @@ def quantize_activations_q8_k(x: np.ndarray):
 # ---------------------------------------------------------------------------------------------
 # NumPy reference: the same formats written with whole-array operations.
 
-def quantize_activations_ref(x: np.ndarray, fmt: str, block: int = QK8):
+def quantize_activations_ref(x: np.ndarray, fmt: str):
     B, K = x.shape
-    blocks = x.reshape(B, K // block, block)                                 # [B, K/bs, bs]
-    amax = np.abs(blocks).max(-1)                                            # [B, K/bs]
+    blocks = x.reshape(B, K // QK8, QK8)                                     # [B, K/32, 32]
+    amax = np.abs(blocks).max(-1)                                            # [B, K/32]
     d = amax / np.float32(127.0)
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, np.float32(127.0) / amax, 0).astype(np.float32)

@@ -74,11 +74,6 @@ class PackedMatrix:
         return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
 
     @property
-    def block(self) -> int:
-        """Elements per scale block (q4/q8), the granularity of activation quantization."""
-        return self.qs.shape[2] * (2 if self.kind == "q4" else 1)
-
-    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
@@ -298,7 +293,7 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
         dmin = w.m if w.m is not None else _NO_OFFSETS
         matmul_kquant(w.qs, qh, w.sc, mn, w.d, dmin, K_BITS[w.kind], xq, xd, bsums, out)
     elif w.kind in ("q4", "q8"):
-        xq, xd, xs = quantize_activations(x, w.act, w.block)
+        xq, xd, xs = quantize_activations(x, w.act)
         m = w.m if w.m is not None else _NO_OFFSETS
         kernel = matmul_q4 if w.kind == "q4" else matmul_q8
         kernel(w.qs, w.d, m, xq, xd, xs, out)
@@ -391,7 +386,7 @@ def matmul_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
         dense = dequantize_packed(w).astype(np.float64)
         return (_round_activations(x, w.act).astype(np.float64) @ dense.T).astype(np.float32)
     B = x.shape[0]
-    xq, xd, xs = quantize_activations_ref(x, w.act, w.block)
+    xq, xd, xs = quantize_activations_ref(x, w.act)
     q, d, m = _codes_and_scales(w, _gather(w, np.arange(w.n_rows)))     # [N, nb, bs], [N, nb]
     xq = xq.reshape(B, q.shape[1], q.shape[2]).astype(np.int64)          # [B, nb, bs]
     isum = np.einsum("bkj,nkj->bnk", xq, q)                              # [B, N, nb] exact

@@ -149,6 +149,15 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
                 out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
 
 
+@njit(inline="always")
+def _pairs_of_four(xr, e, half):
+    """Activations e..e+3 and, half a sub-block on, e+half..e+half+3: the values one k5/k6 row
+    update multiplies (a code byte pairs element j with element j + half)."""
+    return (np.int32(xr[e]), np.int32(xr[e + 1]), np.int32(xr[e + 2]), np.int32(xr[e + 3]),
+            np.int32(xr[e + half]), np.int32(xr[e + half + 1]), np.int32(xr[e + half + 2]),
+            np.int32(xr[e + half + 3]))
+
+
 @njit(parallel=True, cache=True)
 def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     """out [B, N] for a K-quant W with `bits`-bit codes (k4, k5, k6 layouts above).
@@ -197,12 +206,8 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                             q0, q1 = qs[g, ib, 4 * r], qs[g, ib, 4 * r + 1]
                             q2, q3 = qs[g, ib, 4 * r + 2], qs[g, ib, 4 * r + 3]
                             for bb in range(nbt):
-                                xr = xq[b0 + bb]
-                                e = o + 4 * r
-                                x0, x1 = np.int32(xr[e]), np.int32(xr[e + 1])
-                                x2, x3 = np.int32(xr[e + 2]), np.int32(xr[e + 3])
-                                y0, y1 = np.int32(xr[e + 16]), np.int32(xr[e + 17])
-                                y2, y3 = np.int32(xr[e + 18]), np.int32(xr[e + 19])
+                                x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
+                                    xq[b0 + bb], o + 4 * r, half)
                                 row = isum[bb]
                                 for t in range(T):
                                     h = np.int32(h_row[t])
@@ -223,12 +228,8 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                             q0, q1 = qs[g, ib, 2 * r], qs[g, ib, 2 * r + 1]
                             q2, q3 = qs[g, ib, 2 * r + 2], qs[g, ib, 2 * r + 3]
                             for bb in range(nbt):
-                                xr = xq[b0 + bb]
-                                e = o + 2 * r
-                                x0, x1 = np.int32(xr[e]), np.int32(xr[e + 1])
-                                x2, x3 = np.int32(xr[e + 2]), np.int32(xr[e + 3])
-                                y0, y1 = np.int32(xr[e + 8]), np.int32(xr[e + 9])
-                                y2, y3 = np.int32(xr[e + 10]), np.int32(xr[e + 11])
+                                x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
+                                    xq[b0 + bb], o + 2 * r, half)
                                 row = isum[bb]
                                 for t in range(T):
                                     h, k = np.int32(h_row[t]), np.int32(h_row1[t])
