@@ -132,7 +132,8 @@ def warm_forward(qtypes, n_threads: int | None = None) -> None:
     Sizes do not matter to Numba, only types, so this loads exactly the machine code the
     real model needs, in milliseconds once cached.
     """
-    from edgelora_np.adapters.pool import AdapterPool, LoraBatch
+    from edgelora_np.adapters.pool import AdapterPool
+    from edgelora_np.kernels.lora import LoraBatch
     from edgelora_np.model.batch import Batch
     from edgelora_np.model.config import LlamaConfig
     from edgelora_np.model.llama import Llama

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from edgelora_np.adapters.packed import pack, projection_groups
-from edgelora_np.adapters.pool import AdapterPool, LoraBatch
+from edgelora_np.adapters.pool import AdapterPool
 from edgelora_np.errors import AdapterError, CapacityError
 from edgelora_np.kernels.lora import (
+    LoraBatch,
     lora_bgmv,
     lora_delta_ref,
     lora_sgmv,
@@ -56,13 +57,14 @@ def kernel_args(pool, group, layer):
             t.part_col0, t.part_width)
 
 
-def check_group(bank, group, layer, x, token_slot):
+def check_group(bank, group, layer, x, token_slot, token_scale=None):
     cfg = bank.cfg
     y0 = np.random.default_rng(1).standard_normal((len(x), projection_groups(cfg)[group].n_out))
     y = y0.astype(np.float32)
-    LoraBatch(bank, token_slot).apply(group, layer, x, y)
-    delta, bound = lora_delta_ref(x, token_slot, *kernel_args(bank, group, layer), y.shape[1],
-                                  with_bound=True)
+    LoraBatch(bank, token_slot, token_scale).apply(group, layer, x, y)
+    ones = np.ones(len(x), np.float32)
+    delta, bound = lora_delta_ref(x, token_slot, ones if token_scale is None else token_scale,
+                                  *kernel_args(bank, group, layer), y.shape[1], with_bound=True)
     ref = y0.astype(np.float32) + delta
     assert np.all(np.abs(y - ref) <= bound + 1e-5 * (1 + np.abs(ref))), np.abs(y - ref).max()
     return y
@@ -146,12 +148,33 @@ def test_segment_and_gather_kernels_agree_bit_for_bit():
     args = kernel_args(bank, "gate_up", 0)
     x = rng.standard_normal((37, cfg.dim)).astype(np.float32)
     token_slot = np.array([0] * 20 + [2] * 17, np.int32)
+    scale = rng.uniform(-1.0, 2.0, 37).astype(np.float32)
     y_gather = np.zeros((37, projection_groups(cfg)["gate_up"].n_out), np.float32)
-    lora_bgmv(x, y_gather, token_slot, *args)
+    lora_bgmv(x, y_gather, token_slot, scale, *args)
     y_seg = np.zeros_like(y_gather)
     begin, end, slot = segments(token_slot)
-    lora_sgmv(x, y_seg, begin, end, slot, *args)
+    lora_sgmv(x, y_seg, begin, end, slot, scale, *args)
     np.testing.assert_array_equal(y_seg, y_gather)
+
+
+def test_per_token_scale_scales_each_tokens_correction():
+    """Requests sharing an adapter at different strengths (llama-server's lora scale) in one
+    batch, in segments and gathered: each token's correction is its own multiple."""
+    cfg = odd_config()
+    rng = np.random.default_rng(13)
+    bank = AdapterPool(cfg, 64 << 20, max_slots=2)
+    bank.add("a", random_adapter(cfg, rng, 8))
+    bank.add("b", random_adapter(cfg, rng, 3))
+    token_slot = np.array([0] * 6 + [1, 0, -1, 0] + [0] * 5, np.int32)
+    token_scale = np.array([0.5] * 6 + [2.0, 1.0, 3.0, 0.25] + [-1.0] * 5, np.float32)
+    x = rng.standard_normal((len(token_slot), cfg.dim)).astype(np.float32)
+    scaled = check_group(bank, "qkv", 1, x, token_slot, token_scale)
+    plain = check_group(bank, "qkv", 1, x, token_slot)
+    y0 = np.random.default_rng(1).standard_normal(plain.shape).astype(np.float32)
+    # Scale 0.5 halves the correction, -1 flips it (to fp32 rounding of the sum into y).
+    np.testing.assert_allclose(scaled[:6] - y0[:6], 0.5 * (plain[:6] - y0[:6]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scaled[10:] - y0[10:], -(plain[10:] - y0[10:]), rtol=1e-4, atol=1e-4)
+    assert np.abs(plain[:6] - y0[:6]).max() > 0.1
 
 
 def test_segments_of_slots():

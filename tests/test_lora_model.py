@@ -16,7 +16,8 @@ from test_lora_kernels import random_adapter
 from tiny_model import TinySpec, write_tiny_model
 
 import edgelora_np as el
-from edgelora_np.adapters.pool import AdapterPool, LoraBatch
+from edgelora_np.adapters.pool import AdapterPool
+from edgelora_np.kernels.lora import LoraBatch
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.reference import reference_logits
 

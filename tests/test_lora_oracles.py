@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from edgelora_np.adapters.formats import load_adapter, permute_qk_rows
-from edgelora_np.adapters.pool import AdapterPool, LoraBatch
+from edgelora_np.adapters.pool import AdapterPool
+from edgelora_np.kernels.lora import LoraBatch
 from edgelora_np.model.batch import Batch
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,7 @@
 """Batched multi-LoRA: every token with its own adapter, after one shared base matmul.
 
-    y[b] += scale_a * B_a @ (A_a @ x[b])        a = the adapter of token b (-1: nothing)
+    y[b] += c_b * scale_a * B_a @ (A_a @ x[b])    a = the adapter of token b (-1: nothing),
+                                                  c_b = its request's scale (1 = as imported)
 
 The base projection y = x @ W.T has already run for the whole batch. These kernels add the
 low-rank corrections: "shrink" (t = A_a x, r values per token) then "expand" (y += t B_a).
@@ -14,7 +15,7 @@ gate|up, down) and per layer, a slot table says where slot s's sections start:
     a_base   [S]     int64  arena16 index of slot s's A rows: [R_s, K], row after row
                             (-1: slot s does not adapt this layer)
     b_base   [S]     int64  arena16 index of its B values: per part p, r_p rows of width_p
-    s_base   [S]     int64  arena32 index of its per-row scales (alpha / r x user scale)
+    s_base   [S]     int64  arena32 index of its per-row scales (alpha / r x import scale)
     ranks    [S, P]  int32  rank of each part (q, k, v ...) for slot s; 0 = not adapted
     part_col0 / part_width [P]   where part p writes in the group's output y
 Row j of the slot's A is a rank row; rows are ordered by part, so adapters of different ranks
@@ -24,6 +25,9 @@ Two kernels share this layout:
   bgmv  (decode: tokens of many adapters)   one token at a time, each reading its own rows
   sgmv  (prefill: runs of tokens sharing an adapter)   each adapter row is widened to float32
         once per chunk of tokens and reused by all of them
+Per token, token_scale [B] float32 multiplies the correction: a request's own LoRA scale
+(llama-server's `lora: [{id, scale}]`), so two requests may share an adapter at different
+strengths in one batch.
 Rounding follows llama.cpp's F16 LoRA path: x is rounded to fp16 before A, t before B
 (in the kernels: NumPy's float16 conversion cost more than the LoRA arithmetic itself).
 """
@@ -68,9 +72,10 @@ def _n_rows(ranks, s):
 
 
 @njit(parallel=True, cache=True)
-def lora_bgmv(x, y, token_slot, arena16, arena32, a_base, b_base, s_base, ranks, part_col0,
-              part_width):
-    """x [B, K], y [B, N] updated in place; token_slot [B] int32 (-1 = no adapter)."""
+def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s_base, ranks,
+              part_col0, part_width):
+    """x [B, K], y [B, N] updated in place; token_slot [B] int32 (-1 = no adapter),
+    token_scale [B] float32."""
     B, K = x.shape
     for i in prange(B):
         s = token_slot[i]
@@ -84,15 +89,16 @@ def lora_bgmv(x, y, token_slot, arena16, arena32, a_base, b_base, s_base, ranks,
             c0, w = part_col0[p], part_width[p]
             for _ in range(ranks[s, p]):
                 a0 = a_base[s] + row * K
-                t = round_to_f16(_shrink(arena16[a0:a0 + K], xr)) * arena32[s_base[s] + row]
+                t = round_to_f16(_shrink(arena16[a0:a0 + K], xr)) * arena32[s_base[s] + row] \
+                    * token_scale[i]
                 _expand(y[i, c0:c0 + w], t, arena16[b_at:b_at + w])
                 row += 1
                 b_at += w
 
 
 @njit(parallel=True, cache=True)
-def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, arena16, arena32, a_base, b_base, s_base, ranks,
-              part_col0, part_width):
+def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, token_scale, arena16, arena32, a_base, b_base,
+              s_base, ranks, part_col0, part_width):
     """Segments: tokens seg_begin[g]..seg_end[g]-1 all use adapter slot seg_slot[g].
 
     Work items are (segment, chunk of SEGMENT_CHUNK tokens); within one, each rank row's B
@@ -128,7 +134,7 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, arena16, arena32, a_base, b_ba
                 a0 = a_base[s] + row * K
                 a_row = arena16[a0:a0 + K]
                 for i in range(t0, t1):
-                    t[i - t0] = round_to_f16(_shrink(a_row, xr[i - t0])) * scale
+                    t[i - t0] = round_to_f16(_shrink(a_row, xr[i - t0])) * scale * token_scale[i]
                 for c in range(w):
                     brow[c] = f16_to_f32(arena16[b_at + c])
                 for i in range(t0, t1):
@@ -150,11 +156,46 @@ def segments(token_slot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return bounds[:-1], bounds[1:], token_slot[bounds[:-1]]
 
 
+class LoraBatch:
+    """How one batch's tokens map onto an adapter pool (adapters/pool.py): computed once per
+    forward, used per layer.
+
+    Runs of >= 2 tokens with the same adapter (prefill chunks) go to the segment kernel,
+    the remaining tokens (decode steps, one per sequence) to the gather kernel.
+    token_scale [B] is each token's request scale (None: 1 for every token).
+    """
+
+    def __init__(self, pool, token_slot: np.ndarray, token_scale: np.ndarray | None = None):
+        self.pool = pool
+        token_slot = np.ascontiguousarray(token_slot, dtype=np.int32)
+        self.token_scale = (np.ones(len(token_slot), np.float32) if token_scale is None
+                            else np.ascontiguousarray(token_scale, dtype=np.float32))
+        begin, end, slot = segments(token_slot)
+        long = (end - begin >= 2) & (slot >= 0)
+        self.seg_begin, self.seg_end, self.seg_slot = begin[long], end[long], slot[long]
+        gather = token_slot.copy()
+        for b0, b1 in zip(self.seg_begin.tolist(), self.seg_end.tolist()):
+            gather[b0:b1] = -1
+        self.gather_slot = gather
+        self.any_gather = bool((gather >= 0).any())
+        self.active = self.any_gather or len(self.seg_slot) > 0
+
+    def apply(self, group: str, layer: int, x: np.ndarray, y: np.ndarray) -> None:
+        """y [B, N] += the LoRA corrections of `group` at `layer` for every token."""
+        pool, t = self.pool, self.pool.tables[group]
+        args = (pool.arena16, pool.arena32, t.a_base[layer], t.b_base[layer], t.s_base[layer],
+                t.ranks, t.part_col0, t.part_width)
+        if self.any_gather:
+            lora_bgmv(x, y, self.gather_slot, self.token_scale, *args)
+        if len(self.seg_slot):
+            lora_sgmv(x, y, self.seg_begin, self.seg_end, self.seg_slot, self.token_scale, *args)
+
+
 # ---------------------------------------------------------------------------------------------
 # NumPy reference: per token, the dense low-rank product of its adapter's matrices.
 
-def lora_delta_ref(x, token_slot, arena16, arena32, a_base, b_base, s_base, ranks, part_col0,
-                   part_width, n_out, with_bound=False):
+def lora_delta_ref(x, token_slot, token_scale, arena16, arena32, a_base, b_base, s_base, ranks,
+                   part_col0, part_width, n_out, with_bound=False):
     """The correction these kernels add to y [B, n_out], as dense matrices per adapter part.
 
     With `with_bound`, also the largest difference float summation order can make: t is
@@ -175,7 +216,7 @@ def lora_delta_ref(x, token_slot, arena16, arena32, a_base, b_base, s_base, rank
             A = arena16[a0:a0 + r * K].view(np.float16).astype(np.float32).reshape(r, K)
             Bm = arena16[b_at:b_at + r * w].view(np.float16).astype(np.float32).reshape(r, w)
             scale = arena32[int(s_base[s]) + row:int(s_base[s]) + row + r]
-            t = (A @ xr[i]).astype(np.float16).astype(np.float32) * scale           # [r]
+            t = (A @ xr[i]).astype(np.float16).astype(np.float32) * scale * token_scale[i]   # [r]
             delta[i, c0:c0 + w] += t @ Bm
             bound[i, c0:c0 + w] += 2.0**-10 * np.abs(t) @ np.abs(Bm)
             row += r

@@ -1,7 +1,8 @@
 """A flat batch of tokens from many sequences, the unit one forward pass processes.
 
 Batch metadata is index arrays, never ragged Python lists: token b belongs to sequence
-seq_ids[b], sits at position positions[b] and uses adapter adapters[b] (-1 = none).
+seq_ids[b], sits at position positions[b] and uses adapter adapters[b] (-1 = none) at strength
+lora_scales[b] (its request's LoRA scale; None = 1 for every token).
 Prefill chunks and decode tokens mix freely; logit_rows says which rows need logits.
 """
 
@@ -19,6 +20,7 @@ class Batch:
     positions: np.ndarray    # [B] int32 positions within their sequences
     adapters: np.ndarray     # [B] int32 adapter slot per token, -1 = base model only
     logit_rows: np.ndarray   # [R] int32 rows of the batch whose logits are returned
+    lora_scales: np.ndarray | None = None   # [B] float32 LoRA scale per token, None = all 1
 
     @classmethod
     def single(cls, tokens, start: int = 0, seq_id: int = 0, adapter: int = -1,
