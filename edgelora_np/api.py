@@ -18,11 +18,11 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from edgelora_np.adapters.pool import LoraBatch
 from edgelora_np.default_model import resolve_model_path
 from edgelora_np.engine.engine import Engine, Generation
 from edgelora_np.errors import ContextOverflowError, EdgeLoraError
 from edgelora_np.gguf.reader import open_gguf
+from edgelora_np.kernels.lora import LoraBatch
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.config import LlamaConfig, config_from_gguf
 from edgelora_np.model.llama import Llama
@@ -103,7 +103,8 @@ class Model:
                 batch = Batch.single(ids[i:i + PREFILL_CHUNK], start=i, adapter=slot,
                                      all_logits=True)
                 lora = None if name is None else LoraBatch(pool, batch.adapters)
-                out.append(self.llama.forward(batch, cache, lora))
+                with pool.reading():
+                    out.append(self.llama.forward(batch, cache, lora))
         finally:
             if name is not None:
                 pool.release(name)
@@ -115,7 +116,8 @@ class Model:
             raise EdgeLoraError("no tokens given")
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(
-                f"{len(ids)} tokens do not fit the context of {self.n_ctx} positions")
+                f"{len(ids)} tokens do not fit the context of {self.n_ctx} positions",
+                n_prompt_tokens=len(ids), n_ctx=self.n_ctx)
         bad = (ids < 0) | (ids >= self.config.vocab_size)
         if bad.any():
             raise EdgeLoraError(f"token id {int(ids[bad][0])} is outside the vocabulary "
@@ -126,7 +128,8 @@ class Model:
 
     @property
     def engine(self):
-        """The model's own engine (one sequence at a time), behind generate() and logits()."""
+        """The model's own engine (one sequence at a time, on its own thread), behind generate()
+        and logits()."""
         if self._engine is None:
             from edgelora_np.engine.engine import Engine
 

@@ -4,6 +4,8 @@ The CLI catches EdgeLoraError, prints its message as one line and exits with cod
 Messages name the file, tensor or value at fault, and what was expected.
 """
 
+from __future__ import annotations
+
 
 class EdgeLoraError(Exception):
     """Base class of all user-facing errors."""
@@ -32,6 +34,11 @@ class TokenizerError(EdgeLoraError):
 class ContextOverflowError(EdgeLoraError):
     """A sequence would grow past the model's (or the cache's) context length."""
 
+    def __init__(self, message: str, *, n_prompt_tokens: int | None = None,
+                 n_ctx: int | None = None):
+        super().__init__(message)
+        self.n_prompt_tokens, self.n_ctx = n_prompt_tokens, n_ctx
+
 
 class SamplingError(EdgeLoraError):
     """A sampling parameter is out of range."""
@@ -43,3 +50,11 @@ class AdapterError(EdgeLoraError):
 
 class CapacityError(EdgeLoraError):
     """A bounded resource (adapter slots, KV pages, the adapter pool) is exhausted."""
+
+
+class QueueFullError(CapacityError):
+    """The engine's queue of waiting requests is at its bound: retry later."""
+
+
+class EngineError(EdgeLoraError):
+    """The engine has stopped (it failed, or was closed) and takes no more requests."""

@@ -324,6 +324,7 @@ class StopMatcher:
         self._stop = _check_stop_strings(stop)
         self._held = ""  # text received but not yet emitted
         self.stopped = False  # a stop string was found; no more text is accepted
+        self.matched = ""  # which stop string it was
 
     def push(self, piece: str) -> tuple[str, bool]:
         if self.stopped:
@@ -335,7 +336,7 @@ class StopMatcher:
         # Where a stop string might still begin: the longest tail that is a proper prefix of one.
         pending = len(text) - self._longest_partial_stop(text)
         if first is not None and first <= pending:
-            self.stopped = True
+            self._stop_at(text, first)
             self._held = ""
             return text[:first], True
         # No stop yet, or a complete one whose start an earlier, still-growing one may precede.
@@ -347,9 +348,13 @@ class StopMatcher:
         rest, self._held = self._held, ""
         first = self._first_stop(rest)
         if first is not None:
-            self.stopped = True
+            self._stop_at(rest, first)
             return rest[:first]
         return rest
+
+    def _stop_at(self, text: str, at: int) -> None:
+        self.stopped = True
+        self.matched = next(s for s in self._stop if text.find(s) == at)
 
     def _first_stop(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]

@@ -457,7 +457,7 @@ def drive(engine, budget=None, max_steps=500):
 def test_corrupted_adapter_fails_only_its_request(tiny, tmp_path):
     model, clean, packs, alone = tiny
     store = copy_store(clean, tmp_path / "store")
-    engine = el.Engine(model, store=store, max_seqs=8)
+    engine = el.Engine(model, store=store, max_seqs=8, background=False)
     rec = store.record("t2")
     flip_byte(store.file("t2"), rec.payload_offset + 7)
     jobs = [(name, i) for i in range(2) for name in ("t0", "t1", "t2", "t3")]
@@ -501,7 +501,7 @@ def test_small_pool_serves_six_adapters_with_evictions(tiny, tmp_path, monkeypat
     budget_bytes = 2 * sizes[-1] + 64                     # any two fit, no three do
     assert sum(sizes[:3]) > budget_bytes
     engine = el.Engine(model, store=clean, max_seqs=8, adapter_pool_mb=budget_bytes / 2**20,
-                       policy="lfu")
+                       policy="lfu", background=False)
     budget = engine.pool.budget
     assert budget < sum(sizes[:3])
     names = list(packs)

@@ -177,7 +177,7 @@ def child_serve(store_dir: str, model: str, threads: int, mode: str, alpha: floa
                        store=None if mode == "base" else store_dir)
     if mode == "resident":
         for n in distinct:
-            engine.pool.acquire(n, engine._record(n))
+            engine.pool.acquire(n, engine.store.record(n))
             engine.pool.release(n)
     samples, stop = [], threading.Event()
 

@@ -54,7 +54,7 @@ def edgelora_rates(model: str, threads: int, paths: list[str]) -> dict:
     import edgelora_np as el
 
     m = el.load_model(model, n_threads=threads, progress=False)
-    engine = el.Engine(m, max_batch_tokens=512, max_seqs=16)
+    engine = el.Engine(m, max_batch_tokens=512, max_seqs=16, background=False)
     for i, p in enumerate(paths):
         engine.add_adapter(f"t{i}", p)
 

@@ -25,9 +25,12 @@ Accounting, the part the original EdgeLoRA code got wrong:
 
 Eviction order comes from a small policy (LRU by default, LFU as the alternative; see
 tools/bench_arena.py for which wins on a skewed workload). Fragmentation: extents are placed
-first-fit; when enough bytes are free but no hole is large enough, `acquire` compacts the arena
-(only the engine's own thread calls it, between forwards, so moving bytes is safe). Prefetch
-never moves anything: it gives up and leaves the load to admission.
+first-fit; when enough bytes are free but no hole is large enough, the arena is compacted,
+but never while a forward reads it: a forward holds `reading()`, and while any does, loads
+only fill holes (a load that would need to move bytes waits, or gives up with PoolFullError).
+Loads into free space, evictions and removals are safe during a forward, because a forward
+reads only the slots it pinned. Prefetch never moves anything: it gives up and leaves the
+load to admission.
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ import threading
 import time
 from bisect import insort
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgelora_np.adapters.packed import ALIGN, PackedAdapter, pack, projection_groups
 from edgelora_np.errors import AdapterError, CapacityError
-from edgelora_np.kernels.lora import lora_bgmv, lora_sgmv, segments
 from edgelora_np.model.config import LlamaConfig
 
 # Upper bounds (ms) of the load-latency histogram buckets, Prometheus style (cumulative).
@@ -210,6 +213,8 @@ class AdapterPool:
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._lock = threading.RLock()
         self._loaded = threading.Condition(self._lock)
+        self._readers = 0                                   # forwards reading the arena now
+        self._idle = threading.Condition(self._lock)        # notified when the last one ends
         self._counts = dict(hits=0, misses=0, loads=0, evictions=0, load_failures=0, compactions=0)
         self._load_sum = 0.0
         self._load_hist = [0] * (len(LOAD_BUCKETS_MS) + 1)
@@ -235,6 +240,11 @@ class AdapterPool:
             raise AdapterError(f"adapter {name!r} is not resident")
         return e.slot
 
+    def sticky(self, name: str) -> bool:
+        """Added from memory (no store copy): resident until removed."""
+        e = self._entries.get(name)
+        return e is not None and e.sticky
+
     def pins(self, name: str) -> int:
         e = self._entries.get(name)
         return 0 if e is None else e.pins
@@ -257,6 +267,19 @@ class AdapterPool:
 
     # --- the operations ------------------------------------------------------------------------
 
+    @contextmanager
+    def reading(self):
+        """Held around a forward that reads the arena: nothing is moved meanwhile."""
+        with self._lock:
+            self._readers += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._readers -= 1
+                if not self._readers:
+                    self._idle.notify_all()
+
     def access(self, name: str) -> bool:
         """Count a request for `name` (hit if resident) and tell the policy; returns the hit."""
         with self._lock:
@@ -268,6 +291,8 @@ class AdapterPool:
     def acquire(self, name: str, record=None, *, may_move: bool = True) -> int:
         """Pin `name`, loading it from `record` first if needed; returns its slot.
 
+        `record` may also be a function returning it, called only when `name` is not resident
+        (checking and pinning happen under one lock, so an eviction cannot slip in between).
         Raises PoolFullError (nothing changed) when no room can be made, or the record's
         AdapterError when its bytes are bad (the pool is left as it was)."""
         with self._lock:
@@ -277,6 +302,8 @@ class AdapterPool:
             if e is None:
                 if record is None:
                     raise AdapterError(f"adapter {name!r} is not resident and has no source")
+                if callable(record):
+                    record = record()
                 e = self._load(name, record, may_move=may_move, protect=(), pin=True)
             else:
                 e.pins += 1
@@ -306,10 +333,16 @@ class AdapterPool:
         if not isinstance(adapter, PackedAdapter):
             adapter = pack(adapter, self.cfg)
         with self._lock:
-            if name in self._entries:
-                raise AdapterError(f"an adapter named {name!r} is already loaded")
-            e = self._load(name, adapter, may_move=True, protect=(), pin=False, sticky=sticky)
-            return e.slot
+            while True:
+                if name in self._entries:
+                    raise AdapterError(f"an adapter named {name!r} is already loaded")
+                try:
+                    return self._load(name, adapter, may_move=True, protect=(), pin=False,
+                                      sticky=sticky).slot
+                except PoolFullError:
+                    if not self._readers:
+                        raise
+                    self._idle.wait()        # it may fit once compacting is allowed again
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -387,7 +420,8 @@ class AdapterPool:
                 (not self._free_slots and not candidates):
             raise PoolFullError(f"adapter {name!r} ({n / 2**20:.1f} MiB) does not fit: "
                                 f"{free / 2**20:.1f} MiB free, the rest pinned or protected")
-        can_move = may_move and not any(e.loading for e in self._entries.values())
+        can_move = may_move and not self._readers and \
+            not any(e.loading for e in self._entries.values())
         extents, slots, victims = list(self._extents), len(self._free_slots), []
         for victim in [None, *self.policy.victims(candidates)]:
             if victim is not None:
@@ -435,7 +469,7 @@ class AdapterPool:
         self._free_slots.append(e.slot)
 
     def _compact(self) -> None:
-        """Slide every extent down to close the holes (between forwards only)."""
+        """Slide every extent down to close the holes (no forward is reading: see reading())."""
         at, moved = 0, []
         for offset, size, name in self._extents:
             e = self._entries[name]
@@ -449,33 +483,3 @@ class AdapterPool:
         self._extents = moved
         self._counts["compactions"] += 1
 
-
-class LoraBatch:
-    """How one batch's tokens map onto the pool: computed once per forward, used per layer.
-
-    Runs of >= 2 tokens with the same adapter (prefill chunks) go to the segment kernel,
-    the remaining tokens (decode steps, one per sequence) to the gather kernel.
-    """
-
-    def __init__(self, pool: AdapterPool, token_slot: np.ndarray):
-        self.pool = pool
-        token_slot = np.ascontiguousarray(token_slot, dtype=np.int32)
-        begin, end, slot = segments(token_slot)
-        long = (end - begin >= 2) & (slot >= 0)
-        self.seg_begin, self.seg_end, self.seg_slot = begin[long], end[long], slot[long]
-        gather = token_slot.copy()
-        for b0, b1 in zip(self.seg_begin.tolist(), self.seg_end.tolist()):
-            gather[b0:b1] = -1
-        self.gather_slot = gather
-        self.any_gather = bool((gather >= 0).any())
-        self.active = self.any_gather or len(self.seg_slot) > 0
-
-    def apply(self, group: str, layer: int, x: np.ndarray, y: np.ndarray) -> None:
-        """y [B, N] += the LoRA corrections of `group` at `layer` for every token."""
-        pool, t = self.pool, self.pool.tables[group]
-        args = (pool.arena16, pool.arena32, t.a_base[layer], t.b_base[layer], t.s_base[layer],
-                t.ranks, t.part_col0, t.part_width)
-        if self.any_gather:
-            lora_bgmv(x, y, self.gather_slot, *args)
-        if len(self.seg_slot):
-            lora_sgmv(x, y, self.seg_begin, self.seg_end, self.seg_slot, *args)
