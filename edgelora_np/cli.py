@@ -1,4 +1,4 @@
-"""The `edgelora` command line: generate, chat, demo, inspect, warmup, adapters.
+"""The `edgelora` command line: serve, generate, chat, demo, inspect, warmup, adapters.
 
 A thin click group over the public API (edgelora_np/api.py). Heavy modules (NumPy, Numba, the
 API) are imported inside the commands, so that `edgelora --help` need not load them.
@@ -377,6 +377,90 @@ def warmup(model_path, threads, ctx):
     click.echo(f"{'total':<24}{time.perf_counter() - t0:8.2f} s   compiled {compiled}, "
                f"loaded from cache {loaded}")
 
+
+
+# ----------------------------------------------------------------------------------------------
+# serve
+
+def _env(name: str) -> str:
+    return f"EDGELORA_{name}"
+
+
+@main.command()
+@click.option("--model", "model_path", metavar="PATH", default=None,
+              help="GGUF file [default: $EDGELORA_MODEL, else the embedded model].")
+@click.option("--store", "store_dir", metavar="DIR", envvar=_env("STORE"), default=None,
+              help="Serve every adapter of this store by name [env: EDGELORA_STORE; default: "
+                   "the cached demo store].")
+@click.option("--adapters", "adapters_dir", metavar="DIR", envvar=_env("ADAPTERS"), default=None,
+              help="Import the PEFT dirs / GGUF-LoRA files under DIR into the store at start "
+                   "[default without --store: the shipped models/adapters, if present].")
+@click.option("--host", envvar=_env("HOST"), default="127.0.0.1", show_default=True)
+@click.option("--port", envvar=_env("PORT"), type=click.IntRange(0, 65535), default=8080,
+              show_default=True)
+@click.option("--api-keys", "api_keys", metavar="FILE", envvar=_env("API_KEYS"), default=None,
+              help="TOML file of tenants: key hashes, adapters, limits (see `edgelora new-key`). "
+                   "Without it the server is open.")
+@click.option("--allow-adapter-dir", "allow_dirs", metavar="DIR", multiple=True,
+              envvar=_env("ALLOW_ADAPTER_DIR"),
+              help="The only roots POST /v1/load_lora_adapter may read (repeatable); none: "
+                   "runtime loading is off.")
+@click.option("--max-seqs", type=click.IntRange(min=1), envvar=_env("MAX_SEQS"), default=16,
+              show_default=True, help="Requests decoding together in one batch.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), envvar=_env("MAX_BATCH_TOKENS"),
+              default=256, show_default=True, help="Tokens per forward (prefill chunks + decode).")
+@click.option("--max-queue", type=click.IntRange(min=0), envvar=_env("MAX_QUEUE"), default=256,
+              show_default=True, help="Waiting requests beyond which new ones get 429.")
+@click.option("--adapter-pool-mb", type=click.FloatRange(min=1), envvar=_env("ADAPTER_POOL_MB"),
+              default=256, show_default=True, help="Byte budget of the RAM adapter pool.")
+@click.option("--threads", type=click.IntRange(min=1), envvar=_env("THREADS"), default=None,
+              help="Numba threads [default: all, NUMBA_NUM_THREADS].")
+@click.option("--ctx", type=click.IntRange(min=1), envvar=_env("CTX"), default=None,
+              help="Context length per request [default: 2048, at most the model's].")
+@click.option("--log-format", type=click.Choice(["text", "json"]), envvar=_env("LOG_FORMAT"),
+              default="text", show_default=True)
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), envvar=_env("MAX_BODY_MB"),
+              default=4.0, show_default=True, help="Larger request bodies get 413.")
+@click.option("--name", envvar=_env("SERVER_NAME"), default=None,
+              help="Answer every request with the header X-Edgelora-Server: NAME.")
+def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs, max_seqs,
+          max_batch_tokens, max_queue, adapter_pool_mb, threads, ctx, log_format, max_body_mb,
+          name):
+    """Serve the model and its adapters over HTTP: OpenAI, vLLM and llama-server APIs.
+
+    Every adapter of the store is served by name (`model` on /v1 routes, `lora` ids or
+    `adapter` on /completion); requests with different adapters share each forward.
+    Ctrl-C stops it."""
+    import numba
+
+    from edgelora_np.server.main import run
+    from edgelora_np.server.service import ServerOptions
+
+    if threads is not None and threads > numba.config.NUMBA_NUM_THREADS:
+        raise click.BadParameter(f"{threads} is more than NUMBA_NUM_THREADS="
+                                 f"{numba.config.NUMBA_NUM_THREADS}", param_hint="'--threads'")
+    if adapters_dir is None and store_dir is None and os.path.isdir("models/adapters"):
+        adapters_dir = "models/adapters"
+    run(ServerOptions(model_path=model_path, store_dir=store_dir, adapters_dir=adapters_dir,
+                      host=host, port=port, api_keys=api_keys, allow_adapter_dirs=tuple(allow_dirs),
+                      max_seqs=max_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                      adapter_pool_mb=adapter_pool_mb, threads=threads, ctx=ctx,
+                      log_format=log_format, max_body_mb=max_body_mb, name=name))
+
+
+@main.command("new-key")
+@click.argument("tenant")
+def new_key(tenant):
+    """A fresh API key for TENANT, and the table to add to the --api-keys file.
+
+    Only the key's SHA-256 goes into the file: give the key to the tenant, it is not kept."""
+    from edgelora_np.server.tenants import new_key as make
+
+    if not tenant.replace("-", "").replace("_", "").isalnum():
+        raise click.BadParameter("use letters, digits, '-' and '_'", param_hint="TENANT")
+    key, table = make(tenant)
+    click.echo(f"# API key of tenant {tenant} (not stored anywhere; give it to them):\n{key}\n"
+               f"# add to the --api-keys file:\n{table}", nl=False)
 
 
 # ----------------------------------------------------------------------------------------------

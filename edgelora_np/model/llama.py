@@ -9,7 +9,7 @@
     logits = rmsnorm(x[rows]) @ Wout.T                   [R, V]
 
 Every linear projection goes through `Llama.project`, the single place where LoRA adapters add
-their per-token low-rank corrections (`lora`: an adapters.pool.LoraBatch, or None).
+their per-token low-rank corrections (`lora`: an kernels.lora.LoraBatch, or None).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Llama:
     def forward(self, batch: Batch, cache: PagedKVCache, lora=None) -> np.ndarray:
         """Run one batch, appending its keys/values to `cache`; logits [R, V] float32.
 
-        `lora` maps the batch's adapter slots onto resident adapters (adapters.pool.LoraBatch);
+        `lora` maps the batch's adapter slots onto resident adapters (kernels.lora.LoraBatch);
         without it, every token runs on the base model.
         """
         cfg, w = self.cfg, self.weights

@@ -1,0 +1,271 @@
+"""The OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) and vLLM's runtime
+adapter routes (/v1/load_lora_adapter, /v1/unload_lora_adapter).
+
+`model` names an adapter the caller may use, or the base model's id; the response echoes it.
+Streams are server-sent events: `data: {chunk}` lines, then `data: [DONE]`. A chat stream's
+first delta carries the role, then come content deltas, then a chunk with `finish_reason`, then
+(only with stream_options.include_usage) a chunk with no choices and the usage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from edgelora_np.errors import EdgeLoraError
+from edgelora_np.server.app import Serving
+from edgelora_np.server.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    LoadLoraRequest,
+    ModelCard,
+    ModelList,
+    UnloadLoraRequest,
+)
+from edgelora_np.server.service import ApiError, api_error_of, failure_of, stream_deltas
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+SSE = {200: {"content": {"text/event-stream": {}, "application/json": {}}}}
+FINISH = {"stop": "stop", "length": "length", "context": "length"}
+
+
+def sampling_of(req, max_tokens: int) -> dict:
+    """Engine sampling keywords from a request (absent fields: llama-server's defaults)."""
+    kw = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n"):
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = value
+    if req.seed is not None and req.seed != -1:
+        kw["seed"] = req.seed
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    return kw
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def unsupported(**fields) -> None:
+    """400 for a field whose value we cannot honour (the first of `name=(value, ok)`)."""
+    for name, (value, ok) in fields.items():
+        if not ok:
+            raise ApiError(400, f"{name}={value!r} is not supported by this server", param=name)
+
+
+def usage(gen) -> dict:
+    n = len(gen.token_ids)
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
+            "total_tokens": gen.prompt_tokens + n, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def sse_event(payload) -> dict:
+    return {"data": payload if isinstance(payload, str) else json.dumps(payload)}
+
+
+# --- /v1/completions ----------------------------------------------------------------------------
+
+@router.post("/completions", response_model=CompletionResponse, responses=SSE)
+async def completions(body: CompletionRequest, request: Request,
+                      tenant: Serving):
+    """Complete a prompt (text or token ids; one prompt per request)."""
+    service = request.app.state.service
+    unsupported(n=(body.n, body.n == 1), best_of=(body.best_of, body.best_of in (None, 1)),
+                echo=(body.echo, not body.echo), logprobs=(body.logprobs, body.logprobs is None),
+                suffix=(body.suffix, not body.suffix))
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"one prompt per request ({len(prompt)} given)", param="prompt")
+        prompt = prompt[0]
+    adapter = service.resolve_model(tenant, body.model)
+    model = body.model or service.model_id
+    gen = await service.submit(tenant, prompt, adapter=adapter,
+                               **sampling_of(body, _or(body.max_tokens, service.model.n_ctx)))
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    metrics = request.app.state.metrics
+    if not body.stream:
+        await service.finish(request, tenant, gen, metrics)
+        return CompletionResponse(id=rid, created=created, model=model, usage=usage(gen),
+                                  choices=[{"text": gen.text,
+                                            "finish_reason": FINISH[gen.finish_reason]}])
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(text: str, finish: str | None) -> dict:
+        c = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return {**c, "usage": None} if include_usage else c
+
+    async def events():
+        try:
+            async for delta in stream_deltas(request, service, tenant, gen, metrics):
+                yield sse_event(chunk(delta.text, None))
+        except EdgeLoraError as e:
+            yield sse_event(failure_of(e).body())
+            return
+        yield sse_event(chunk("", FINISH[gen.finish_reason]))
+        if include_usage:
+            yield sse_event({"id": rid, "object": "text_completion", "created": created,
+                             "model": model, "choices": [], "usage": usage(gen)})
+        yield sse_event("[DONE]")
+
+    return EventSourceResponse(events(), sep="\n")
+
+
+# --- /v1/chat/completions -----------------------------------------------------------------------
+
+def _messages(body: ChatCompletionRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise ApiError(400, f"message {i}: content part of type {part.type!r} is "
+                                   "not supported (text only)", param=f"messages.{i}.content")
+                parts.append(part.text)
+            content = "".join(parts)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           tenant: Serving):
+    """Answer a conversation, rendered with the model's chat template."""
+    service = request.app.state.service
+    unsupported(n=(body.n, body.n == 1), logprobs=(body.logprobs, not body.logprobs),
+                tools=(body.tools, not body.tools),
+                response_format=(body.response_format, body.response_format in (
+                    None, {"type": "text"})))
+    adapter = service.resolve_model(tenant, body.model)
+    model = body.model or service.model_id
+    max_tokens = _or(body.max_completion_tokens, _or(body.max_tokens, service.model.n_ctx))
+    gen = await service.submit(tenant, _messages(body), adapter=adapter, chat=True,
+                               **sampling_of(body, max_tokens))
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    metrics = request.app.state.metrics
+    if not body.stream:
+        await service.finish(request, tenant, gen, metrics)
+        return ChatCompletionResponse(
+            id=rid, created=created, model=model, usage=usage(gen),
+            choices=[{"message": {"content": gen.text},
+                      "finish_reason": FINISH[gen.finish_reason]}])
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict, finish: str | None) -> dict:
+        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {**c, "usage": None} if include_usage else c
+
+    async def events():
+        yield sse_event(chunk({"role": "assistant", "content": ""}, None))
+        try:
+            async for delta in stream_deltas(request, service, tenant, gen, metrics):
+                yield sse_event(chunk({"content": delta.text}, None))
+        except EdgeLoraError as e:
+            yield sse_event(failure_of(e).body())
+            return
+        yield sse_event(chunk({}, FINISH[gen.finish_reason]))
+        if include_usage:
+            yield sse_event({"id": rid, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "choices": [], "usage": usage(gen)})
+        yield sse_event("[DONE]")
+
+    return EventSourceResponse(events(), sep="\n")
+
+
+# --- /v1/models -----------------------------------------------------------------------------------
+
+@router.get("/models", response_model=ModelList)
+async def models(request: Request, tenant: Serving) -> ModelList:
+    """The base model (if the caller may use it) and every adapter the caller may use."""
+    service = request.app.state.service
+    n_ctx, created = service.model.n_ctx, service.started
+    cards = []
+    if tenant.base_model:
+        cards.append(ModelCard(id=service.model_id, created=created,
+                               root=str(service.model.path), max_model_len=n_ctx))
+    sources = service.catalog.sources
+    cards += [ModelCard(id=name, created=created, root=sources[name], parent=service.model_id,
+                        max_model_len=n_ctx) for name in service.lora_ids(tenant)]
+    return ModelList(data=cards)
+
+
+# --- vLLM's runtime adapters --------------------------------------------------------------------
+
+def confined(path: str, roots: tuple[str, ...]) -> Path:
+    """`path` resolved (symlinks and '..' followed), if it lies under one of `roots`."""
+    if not roots:
+        raise ApiError(403, "runtime adapter loading is off (start the server with "
+                            "--allow-adapter-dir DIR)", param="lora_path")
+    resolved = Path(path).resolve()
+    for root in roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return resolved
+    raise ApiError(403, f"lora_path {path!r} is outside the directories this server may load "
+                        "adapters from", param="lora_path")
+
+
+@router.post("/load_lora_adapter", response_class=PlainTextResponse, tags=["vllm"])
+async def load_lora_adapter(body: LoadLoraRequest, request: Request,
+                            tenant: Serving):
+    """Import an adapter (PEFT directory or GGUF-LoRA file) into the store and serve it."""
+    from edgelora_np.adapters.store import check_name
+
+    service = request.app.state.service
+    if not tenant.can_load:
+        raise ApiError(403, f"tenant {tenant.name!r} may not load adapters")
+    try:
+        name = check_name(body.lora_name)
+    except EdgeLoraError as e:
+        raise ApiError(400, str(e), param="lora_name") from None
+    if name in service.catalog.sources or name == service.model_id:
+        raise ApiError(400, f"an adapter named {name!r} is already loaded", param="lora_name")
+    source = confined(body.lora_path, service.options.allow_adapter_dirs)
+    if not source.exists():
+        raise ApiError(400, f"lora_path {body.lora_path!r} does not exist", param="lora_path")
+    model = service.model
+    try:
+        await run_in_threadpool(service.store.import_adapter, source, model.config,
+                                model.fingerprint, name=name, force=True)
+        await run_in_threadpool(service.engine.refresh_store)
+    except EdgeLoraError as e:
+        raise api_error_of(e) from None
+    service.catalog.add(name, str(source))
+    service.catalog.runtime[name] = tenant.name
+    tenant.owned.add(name)
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse, tags=["vllm"])
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request,
+                              tenant: Serving):
+    """Stop serving an adapter (one loaded at runtime is removed from the store too)."""
+    service = request.app.state.service
+    if not tenant.can_load:
+        raise ApiError(403, f"tenant {tenant.name!r} may not unload adapters")
+    name = service.resolve_model(tenant, body.lora_name, param="lora_name")
+    if name is None:
+        raise ApiError(400, "the base model cannot be unloaded", param="lora_name")
+    try:
+        service.engine.remove_adapter(name)
+    except EdgeLoraError as e:
+        raise ApiError(409, str(e), param="lora_name") from None
+    if name in service.catalog.runtime:
+        await run_in_threadpool(service.store.remove, name)
+    service.catalog.remove(name)
+    tenant.owned.discard(name)
+    return f"Success: LoRA adapter '{name}' removed successfully."

@@ -1,0 +1,298 @@
+"""What the routes stand on: the loaded model and engine, the adapter catalog, tenants' limits,
+and one way to run a request (submit, stream or wait, cancel on disconnect).
+
+The event loop never runs model code: tokenizing and submitting go to a worker thread, the
+engine thread runs the forwards, and a request's output reaches the loop through its
+Generation's async stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import HTTPException
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from edgelora_np.errors import (
+    AdapterError,
+    CapacityError,
+    ContextOverflowError,
+    EdgeLoraError,
+    EngineError,
+    QueueFullError,
+    SamplingError,
+    TokenizerError,
+)
+from edgelora_np.server.tenants import Tenant, Tenants
+
+log = logging.getLogger("edgelora_np.server")
+
+RETRY_AFTER_SECONDS = 1
+
+
+class ApiError(HTTPException):
+    """An HTTP error with an OpenAI-style body: {"error": {message, type, param, code}}.
+
+    An HTTPException, so that FastAPI passes it through untouched even when it is raised while
+    the body is read (the 413 of an over-long chunked body)."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "unavailable_error"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None, extra: dict | None = None):
+        super().__init__(status, message, headers or {})
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.extra = extra or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code, **self.extra}}
+
+
+def api_error_of(e: EdgeLoraError) -> ApiError:
+    """The HTTP error for an engine refusal: the client's fault is a 4xx, never a 500."""
+    if isinstance(e, ContextOverflowError):
+        return ApiError(400, str(e), code="context_length_exceeded", param="prompt",
+                        extra={"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx})
+    if isinstance(e, QueueFullError):
+        return ApiError(429, str(e), code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(e, EngineError):
+        return ApiError(503, str(e), code="engine_failed")
+    if isinstance(e, SamplingError):
+        return ApiError(400, str(e), param=str(e).split(" ", 1)[0])
+    if isinstance(e, (CapacityError, TokenizerError, AdapterError)):
+        return ApiError(400, str(e))
+    return ApiError(400, str(e))
+
+
+def failure_of(error: BaseException) -> ApiError:
+    """The HTTP error for a request that failed while being served (not the client's fault)."""
+    if isinstance(error, EngineError):
+        return ApiError(503, str(error), code="engine_failed")
+    return ApiError(500, f"the request failed: {error}", code="request_failed")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What `edgelora serve` was started with (each field is one of its options)."""
+
+    model_path: str | None = None
+    store_dir: str | None = None           # None: the cached demo store
+    adapters_dir: str | None = None        # imported into the store at start
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: str | None = None            # TOML file of tenants; None: an open server
+    allow_adapter_dirs: tuple[str, ...] = ()   # the only roots runtime loads may read
+    max_seqs: int = 16
+    max_batch_tokens: int = 256
+    max_queue: int = 256
+    adapter_pool_mb: float = 256
+    threads: int | None = None
+    ctx: int | None = None
+    log_format: str = "text"
+    max_body_mb: float = 4.0
+    name: str | None = None                # answered in the X-Edgelora-Server header
+
+
+@dataclass
+class Catalog:
+    """The adapters the server offers, in registration order (llama.cpp's lora ids count in it).
+
+    Ids are positions in a tenant's own list, so they are contiguous for every tenant and
+    reveal nothing of others' adapters; loading appends, so earlier ids do not move."""
+
+    order: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)    # name -> where it came from
+    runtime: dict[str, str] = field(default_factory=dict)    # loaded over HTTP: name -> tenant
+
+    def add(self, name: str, source: str) -> None:
+        if name not in self.sources:
+            self.order.append(name)
+        self.sources[name] = source
+
+    def remove(self, name: str) -> None:
+        self.order.remove(name)
+        del self.sources[name]
+        self.runtime.pop(name, None)
+
+    def visible(self, tenant: Tenant) -> list[str]:
+        return [n for n in self.order if tenant.sees(n)]
+
+
+class Service:
+    """The model, engine and catalog behind the routes; `load()` fills it in (in a thread)."""
+
+    def __init__(self, options: ServerOptions, tenants: Tenants | None):
+        self.options = options
+        self.tenants = tenants
+        self.open_tenant = Tenant("anonymous", metrics=True, can_load=True)
+        self.model = None
+        self.engine = None
+        self.store = None
+        self.model_id = ""
+        self.catalog = Catalog()
+        self.load_error: BaseException | None = None
+        self.ready = threading.Event()
+        self.started = int(time.time())
+        self._inflight: dict[str, int] = {}     # tenant -> requests in flight (event loop only)
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def load(self, model=None) -> None:
+        """Load the model (or serve `model`, already loaded), open the store (importing
+        --adapters), start the engine."""
+        from edgelora_np import api
+        from edgelora_np.adapters.store import AdapterStore
+        from edgelora_np.default_model import cache_dir, resolve_model_path
+        from edgelora_np.engine.engine import Engine
+
+        o = self.options
+        if model is None:
+            path = resolve_model_path(o.model_path, progress=False)
+            model = api.load_model(path, n_threads=o.threads, n_ctx=o.ctx, progress=False)
+        store = AdapterStore(o.store_dir or cache_dir() / "demo_store", create=True)
+        store.clean()
+        if o.adapters_dir:
+            self._import_folder(store, model, Path(o.adapters_dir))
+        engine = Engine(model, store=store, max_seqs=o.max_seqs,
+                        max_batch_tokens=o.max_batch_tokens, max_queue=o.max_queue,
+                        adapter_pool_mb=o.adapter_pool_mb,
+                        kv_tokens=o.max_seqs * model.n_ctx)
+        for row in store.rows():
+            if row.fingerprint == model.fingerprint:
+                self.catalog.add(row.name, row.source)
+            else:
+                log.warning("store adapter %r was imported for another base model; not served",
+                            row.name)
+        engine.start()
+        engine.submit([0], max_tokens=1, temperature=0.0).run()      # kernels loaded, warm
+        self.model, self.store, self.engine = model, store, engine
+        self.model_id = model.path.name.removesuffix(".gguf")
+        self.ready.set()
+
+    @staticmethod
+    def _import_folder(store, model, folder: Path) -> None:
+        if not folder.is_dir():
+            raise EdgeLoraError(f"--adapters {folder}: not a directory")
+        sources = sorted(p for p in folder.iterdir()
+                         if (p / "adapter_config.json").is_file() or p.suffix == ".gguf")
+        if not sources:
+            raise EdgeLoraError(f"--adapters {folder}: no PEFT directories or .gguf files in it")
+        for src in sources:
+            store.import_adapter(src, model.config, model.fingerprint)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def check_ready(self) -> None:
+        """503 while the model loads, or once the engine has failed."""
+        if not self.ready.is_set():
+            raise ApiError(503, "Loading model", code="loading")
+        if self.engine.failure is not None:
+            raise ApiError(503, str(self.engine.failure), code="engine_failed")
+
+    # --- who and what ------------------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        if self.tenants is None:
+            return self.open_tenant
+        return self.tenants.authenticate(key)
+
+    def resolve_model(self, tenant: Tenant, model: str | None, *, param: str = "model") -> str | None:
+        """The adapter a request names (None: the base model), or a 404 that does not tell
+        another tenant's adapter from one that does not exist."""
+        if model is None or model == self.model_id:
+            if not tenant.base_model:
+                raise ApiError(404, f"The model `{self.model_id}` does not exist or you do not "
+                               "have access to it.", param=param, code="model_not_found")
+            return None
+        if model in self.catalog.sources and tenant.sees(model):
+            return model
+        raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                       param=param, code="model_not_found")
+
+    def lora_ids(self, tenant: Tenant) -> list[str]:
+        """The tenant's adapters; llama.cpp's lora id of each is its index here."""
+        return self.catalog.visible(tenant)
+
+    # --- running a request -------------------------------------------------------------------
+
+    async def submit(self, tenant: Tenant, prompt, *, adapter: str | None, scale: float = 1.0,
+                     chat: bool = False, **sampling):
+        """Queue a request for `tenant`; refusals become ApiErrors (4xx, or 503)."""
+        limit = tenant.max_concurrent
+        if limit is not None and self._inflight.get(tenant.name, 0) >= limit:
+            raise ApiError(429, f"tenant {tenant.name!r} already has {limit} requests in flight "
+                           "(its max_concurrent)", code="tenant_limit",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        self._inflight[tenant.name] = self._inflight.get(tenant.name, 0) + 1
+        try:
+            return await run_in_threadpool(self.engine.submit, prompt, adapter=adapter,
+                                           adapter_scale=scale, chat=chat, **sampling)
+        except EdgeLoraError as e:
+            self._done(tenant)
+            raise api_error_of(e) from None
+        except BaseException:
+            self._done(tenant)
+            raise
+
+    def _done(self, tenant: Tenant) -> None:
+        self._inflight[tenant.name] -= 1
+
+    async def finish(self, request: Request, tenant: Tenant, gen, metrics):
+        """Wait for a request to end while watching the client: a disconnect cancels it."""
+        try:
+            consume = asyncio.ensure_future(_drain(gen))
+            gone = asyncio.ensure_future(_disconnected(request))
+            await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not consume.done():
+                gen.cancel()
+                consume.cancel()
+                raise ApiError(499, "client disconnected")
+            gone.cancel()
+            error = consume.exception()
+            if error is not None:
+                raise failure_of(error)
+            return gen
+        finally:
+            self.ended(tenant, gen, metrics)
+
+    def ended(self, tenant: Tenant, gen, metrics) -> None:
+        """Bookkeeping once a request is over (called exactly once per submitted request)."""
+        self._done(tenant)
+        if gen.finish_reason not in (None, "cancelled", "error"):
+            metrics.observe_generation(gen)
+
+
+async def _drain(gen) -> None:
+    async for _ in gen.stream():
+        pass
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only that is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def stream_deltas(request: Request, service: Service, tenant: Tenant, gen, metrics):
+    """A request's Deltas for an SSE response; leaving early (disconnect) cancels it."""
+    try:
+        async for delta in gen.stream():
+            yield delta
+    finally:
+        if not gen.done:
+            gen.cancel()
+        service.ended(tenant, gen, metrics)
