@@ -145,7 +145,8 @@ def check_pool(pool, rng=None) -> None:
         t = pool.tables[gname]
         x = rng.standard_normal((len(token_slot), g.n_in)).astype(np.float32)
         for layer in range(CFG.n_layers):
-            got, bound = lora_delta_ref(x, token_slot, pool.arena16, pool.arena32, t.a_base[layer],
+            got, bound = lora_delta_ref(x, token_slot, np.ones(len(token_slot), np.float32),
+                                        pool.arena16, pool.arena32, t.a_base[layer],
                                         t.b_base[layer], t.s_base[layer], t.ranks, t.part_col0,
                                         t.part_width, g.n_out, with_bound=True)
             assert not got[-1].any()                                     # -1: no adapter
