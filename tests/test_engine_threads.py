@@ -233,11 +233,12 @@ def test_hand_stepped_engine_never_blocks_a_consumer(tiny):
 def test_full_queue_refuses(tiny):
     model, _ = tiny
     engine = el.Engine(model, background=False, max_queue=2)
-    queued = [engine.submit(PROMPTS[0], max_tokens=2) for _ in range(2)]
+    kw = dict(max_tokens=2, temperature=0.0, ignore_eos=True)
+    queued = [engine.submit(PROMPTS[0], **kw) for _ in range(2)]
     with pytest.raises(QueueFullError, match="2 requests are already waiting"):
-        engine.submit(PROMPTS[0], max_tokens=2)
+        engine.submit(PROMPTS[0], **kw)
     engine.step()                                     # admits both: the queue has room again
-    queued.append(engine.submit(PROMPTS[0], max_tokens=2))
+    queued.append(engine.submit(PROMPTS[0], **kw))
     while engine.pending:
         engine.step()
     assert all(g.finish_reason == "length" for g in queued)

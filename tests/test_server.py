@@ -252,7 +252,9 @@ def test_llamacpp_stream_framing(server):
                             "stream": True, "adapter": "reverse"}, timeout=120) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
-    events = [e for e in raw.split("\n\n") if e.strip()]
+    # Events are `data: {json}` lines ended by a blank line; lines starting with ':' are SSE
+    # comments (keep-alive pings on a slow stream), which clients skip.
+    events = [e for e in raw.split("\n\n") if e.strip() and not e.startswith(":")]
     assert all(e.startswith("data: ") and "\n" not in e for e in events), raw[:300]
     chunks = [json.loads(e[6:]) for e in events]
     assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]

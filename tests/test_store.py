@@ -479,6 +479,7 @@ def test_corrupted_adapter_fails_only_its_request(tiny, tmp_path):
     # A repaired file is served again (nothing about the failure sticks).
     store.put("t2", packs["t2"], fingerprint=model.fingerprint, durable=False)
     gen = engine.submit(PROMPTS[0], adapter="t2", temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    drive(engine)
     assert gen.run().token_ids == alone[("t2", 0)]
 
 
