@@ -285,6 +285,24 @@ def test_tokenize_detokenize_round_trip(server):
     assert props["default_generation_settings"]["n_ctx"] == 2048 and props["total_slots"] == 8
 
 
+def test_oversized_bodies_are_413(server):
+    url, _ = server
+    big = {"prompt": "x" * (5 << 20), "n_predict": 1}                 # over the 4 MiB default
+    r = post(url, "/completion", big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():                                  # no Content-Length: chunked, counted as read
+        yield b'{"prompt": "'
+        for _ in range(5):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(f"{url}/completion", content=chunks(), timeout=120,
+                   headers={"X-Api-Key": KEYS["ops"], "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert post(url, "/completion", {"prompt": "hi", "n_predict": 1}).status_code == 200
+
+
 # --- many tenants at once -------------------------------------------------------------------------
 
 def test_concurrent_clients_with_different_adapters_get_their_solo_outputs(server):

@@ -21,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgelora_np.server.metrics import ServerMetrics
 from edgelora_np.server.schemas import ErrorResponse, Health
 from edgelora_np.server.service import ApiError, Service
 from edgelora_np.server.tenants import Tenant
@@ -38,7 +37,7 @@ def create_app(service: Service) -> FastAPI:
                   description="Multi-tenant LoRA serving: OpenAI, vLLM and llama-server APIs.",
                   responses=ERRORS)
     app.state.service = service
-    app.state.metrics = ServerMetrics(lambda: service.engine if service.ready.is_set() else None)
+    app.state.metrics = service.metrics
     app.include_router(openai_api.router)
     app.include_router(llamacpp_api.router)
     _add_error_handlers(app)

@@ -15,6 +15,7 @@ import json
 
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from edgelora_np.errors import EdgeLoraError
@@ -28,7 +29,7 @@ from edgelora_np.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from edgelora_np.server.service import ApiError, api_error_of, failure_of, stream_deltas
+from edgelora_np.server.service import ApiError, api_error_of, failure_of
 
 router = APIRouter(tags=["llama.cpp"])
 
@@ -87,8 +88,8 @@ async def completion(body: LlamaCompletionRequest, request: Request, tenant: Ser
                 "stop": [body.stop] if isinstance(body.stop, str) else body.stop or []}
     if body.seed is not None and body.seed != -1:
         sampling["seed"] = body.seed
-    gen = await service.submit(tenant, body.prompt, adapter=adapter, scale=scale, **sampling)
-    metrics = request.app.state.metrics
+    flight = await service.submit(tenant, body.prompt, adapter=adapter, scale=scale, **sampling)
+    gen = flight.gen
     prompt_text = body.prompt if isinstance(body.prompt, str) else ""
 
     def final() -> dict:
@@ -103,13 +104,13 @@ async def completion(body: LlamaCompletionRequest, request: Request, tenant: Ser
                 "tokens_cached": 0, "timings": _timings(gen)}
 
     if not body.stream:
-        await service.finish(request, tenant, gen, metrics)
+        await service.finish(request, flight)
         return {**final(), "content": gen.text, "tokens": gen.token_ids}
 
     async def events():
         n = 0
         try:
-            async for delta in stream_deltas(request, service, tenant, gen, metrics):
+            async for delta in flight.deltas():
                 n += len(delta.token_ids)
                 yield {"data": json.dumps({
                     "index": 0, "content": delta.text, "tokens": list(delta.token_ids),
@@ -120,7 +121,7 @@ async def completion(body: LlamaCompletionRequest, request: Request, tenant: Ser
             return
         yield {"data": json.dumps(final())}
 
-    return EventSourceResponse(events(), sep="\n")
+    return EventSourceResponse(events(), sep="\n", background=BackgroundTask(flight.close))
 
 
 @router.get("/lora-adapters", response_model=list[LoraAdapterInfo])

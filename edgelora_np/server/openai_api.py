@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from edgelora_np.errors import EdgeLoraError
@@ -31,7 +32,7 @@ from edgelora_np.server.schemas import (
     ModelList,
     UnloadLoraRequest,
 )
-from edgelora_np.server.service import ApiError, api_error_of, failure_of, stream_deltas
+from edgelora_np.server.service import ApiError, api_error_of, failure_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -91,12 +92,12 @@ async def completions(body: CompletionRequest, request: Request,
         prompt = prompt[0]
     adapter = service.resolve_model(tenant, body.model)
     model = body.model or service.model_id
-    gen = await service.submit(tenant, prompt, adapter=adapter,
+    flight = await service.submit(tenant, prompt, adapter=adapter,
                                **sampling_of(body, _or(body.max_tokens, service.model.n_ctx)))
+    gen = flight.gen
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    metrics = request.app.state.metrics
     if not body.stream:
-        await service.finish(request, tenant, gen, metrics)
+        await service.finish(request, flight)
         return CompletionResponse(id=rid, created=created, model=model, usage=usage(gen),
                                   choices=[{"text": gen.text,
                                             "finish_reason": FINISH[gen.finish_reason]}])
@@ -109,7 +110,7 @@ async def completions(body: CompletionRequest, request: Request,
 
     async def events():
         try:
-            async for delta in stream_deltas(request, service, tenant, gen, metrics):
+            async for delta in flight.deltas():
                 yield sse_event(chunk(delta.text, None))
         except EdgeLoraError as e:
             yield sse_event(failure_of(e).body())
@@ -120,7 +121,7 @@ async def completions(body: CompletionRequest, request: Request,
                              "model": model, "choices": [], "usage": usage(gen)})
         yield sse_event("[DONE]")
 
-    return EventSourceResponse(events(), sep="\n")
+    return EventSourceResponse(events(), sep="\n", background=BackgroundTask(flight.close))
 
 
 # --- /v1/chat/completions -----------------------------------------------------------------------
@@ -153,12 +154,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     adapter = service.resolve_model(tenant, body.model)
     model = body.model or service.model_id
     max_tokens = _or(body.max_completion_tokens, _or(body.max_tokens, service.model.n_ctx))
-    gen = await service.submit(tenant, _messages(body), adapter=adapter, chat=True,
+    flight = await service.submit(tenant, _messages(body), adapter=adapter, chat=True,
                                **sampling_of(body, max_tokens))
+    gen = flight.gen
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    metrics = request.app.state.metrics
     if not body.stream:
-        await service.finish(request, tenant, gen, metrics)
+        await service.finish(request, flight)
         return ChatCompletionResponse(
             id=rid, created=created, model=model, usage=usage(gen),
             choices=[{"message": {"content": gen.text},
@@ -173,7 +174,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     async def events():
         yield sse_event(chunk({"role": "assistant", "content": ""}, None))
         try:
-            async for delta in stream_deltas(request, service, tenant, gen, metrics):
+            async for delta in flight.deltas():
                 yield sse_event(chunk({"content": delta.text}, None))
         except EdgeLoraError as e:
             yield sse_event(failure_of(e).body())
@@ -184,7 +185,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                              "model": model, "choices": [], "usage": usage(gen)})
         yield sse_event("[DONE]")
 
-    return EventSourceResponse(events(), sep="\n")
+    return EventSourceResponse(events(), sep="\n", background=BackgroundTask(flight.close))
 
 
 # --- /v1/models -----------------------------------------------------------------------------------

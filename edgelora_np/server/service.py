@@ -19,6 +19,7 @@ from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from edgelora_np.engine.generation import Generation
 from edgelora_np.errors import (
     AdapterError,
     CapacityError,
@@ -29,6 +30,7 @@ from edgelora_np.errors import (
     SamplingError,
     TokenizerError,
 )
+from edgelora_np.server.metrics import ServerMetrics
 from edgelora_np.server.tenants import Tenant, Tenants
 
 log = logging.getLogger("edgelora_np.server")
@@ -143,6 +145,7 @@ class Service:
         self.load_error: BaseException | None = None
         self.ready = threading.Event()
         self.started = int(time.time())
+        self.metrics = ServerMetrics(lambda: self.engine if self.ready.is_set() else None)
         self._inflight: dict[str, int] = {}     # tenant -> requests in flight (event loop only)
 
     # --- start-up ----------------------------------------------------------------------------
@@ -228,35 +231,29 @@ class Service:
     # --- running a request -------------------------------------------------------------------
 
     async def submit(self, tenant: Tenant, prompt, *, adapter: str | None, scale: float = 1.0,
-                     chat: bool = False, **sampling):
+                     chat: bool = False, **sampling) -> Flight:
         """Queue a request for `tenant`; refusals become ApiErrors (4xx, or 503)."""
         limit = tenant.max_concurrent
         if limit is not None and self._inflight.get(tenant.name, 0) >= limit:
             raise ApiError(429, f"tenant {tenant.name!r} already has {limit} requests in flight "
                            "(its max_concurrent)", code="tenant_limit",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        self._inflight[tenant.name] = self._inflight.get(tenant.name, 0) + 1
         try:
-            return await run_in_threadpool(self.engine.submit, prompt, adapter=adapter,
-                                           adapter_scale=scale, chat=chat, **sampling)
+            gen = await run_in_threadpool(self.engine.submit, prompt, adapter=adapter,
+                                          adapter_scale=scale, chat=chat, **sampling)
         except EdgeLoraError as e:
-            self._done(tenant)
             raise api_error_of(e) from None
-        except BaseException:
-            self._done(tenant)
-            raise
+        self._inflight[tenant.name] = self._inflight.get(tenant.name, 0) + 1
+        return Flight(self, tenant, gen)
 
-    def _done(self, tenant: Tenant) -> None:
-        self._inflight[tenant.name] -= 1
-
-    async def finish(self, request: Request, tenant: Tenant, gen, metrics):
+    async def finish(self, request: Request, flight: Flight):
         """Wait for a request to end while watching the client: a disconnect cancels it."""
+        gen = flight.gen
         try:
             consume = asyncio.ensure_future(_drain(gen))
             gone = asyncio.ensure_future(_disconnected(request))
             await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not consume.done():
-                gen.cancel()
                 consume.cancel()
                 raise ApiError(499, "client disconnected")
             gone.cancel()
@@ -265,13 +262,34 @@ class Service:
                 raise failure_of(error)
             return gen
         finally:
-            self.ended(tenant, gen, metrics)
+            flight.close()
 
-    def ended(self, tenant: Tenant, gen, metrics) -> None:
-        """Bookkeeping once a request is over (called exactly once per submitted request)."""
-        self._done(tenant)
-        if gen.finish_reason not in (None, "cancelled", "error"):
-            metrics.observe_generation(gen)
+
+@dataclass(eq=False)
+class Flight:
+    """A submitted request, on the server's side. `close()` runs exactly once, however the
+    request ends (finished, failed, or its client gone, even before its stream started): it
+    cancels the request if still going, frees the tenant's place and counts the tokens."""
+
+    service: Service
+    tenant: Tenant
+    gen: Generation
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.gen.done:
+            self.gen.cancel()
+        self.service._inflight[self.tenant.name] -= 1
+        if self.gen.finish_reason in ("stop", "length", "context"):
+            self.service.metrics.observe_generation(self.gen)
+
+    async def deltas(self):
+        """The request's Deltas (for a streaming response, which closes the flight after)."""
+        async for delta in self.gen.stream():
+            yield delta
 
 
 async def _drain(gen) -> None:
@@ -285,14 +303,3 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def stream_deltas(request: Request, service: Service, tenant: Tenant, gen, metrics):
-    """A request's Deltas for an SSE response; leaving early (disconnect) cancels it."""
-    try:
-        async for delta in gen.stream():
-            yield delta
-    finally:
-        if not gen.done:
-            gen.cancel()
-        service.ended(tenant, gen, metrics)
