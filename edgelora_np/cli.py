@@ -679,5 +679,132 @@ def adapters_inspect(adapter_path, store_dir, model_path, as_json):
     click.echo(f"  memory    {ad.nbytes / 2**20:.2f} MiB as float32, {len(ad.pairs)} A/B pairs")
 
 
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+class TokenRange(click.ParamType):
+    """LOW:HIGH (inclusive), or N for LOW = HIGH = N."""
+
+    name = "LOW:HIGH"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        low, _, high = str(value).partition(":")
+        try:
+            lo, hi = int(low), int(high or low)
+        except ValueError:
+            self.fail(f"{value!r} is not LOW:HIGH (two integers)", param, ctx)
+        if not 1 <= lo <= hi:
+            self.fail(f"{value!r} needs 1 <= LOW <= HIGH", param, ctx)
+        return lo, hi
+
+
+def _adapters_arg(value: str):
+    """--adapters: 'all' -> None, an integer -> that many, else a comma-separated name list."""
+    if value == "all":
+        return None
+    if value.isdigit():
+        return int(value)
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@main.command()
+@click.argument("url")
+@click.option("--api", type=click.Choice(["openai", "llamacpp", "edgelora"]), default="edgelora",
+              show_default=True, help="openai: /v1/completions, model = adapter; llamacpp: "
+              "/completion with lora ids; edgelora: /completion with adapter names.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="R: mean requests per second.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="T: seconds of arrivals (R*T requests).")
+@click.option("--adapters", "adapters_arg", default="all", show_default=True, metavar="all|N|NAMES",
+              help="Adapters to draw from, most popular first: every one the server lists, the "
+                   "first N, or comma-separated names.")
+@click.option("--alpha", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Popularity exponent: p(rank k) ~ k^-alpha (0 = uniform).")
+@click.option("--popularity", type=click.Choice(["zipf", "paper"]), default="zipf",
+              show_default=True, help="zipf: p(k) ~ k^-alpha; paper: floor(U^(1/alpha)*n) "
+                                      "(uniform at alpha = 1; see docs/bench.md).")
+@click.option("--cv", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Coefficient of variation of inter-arrival gaps (1 = Poisson, 0 = constant).")
+@click.option("--prompt-tokens", type=TokenRange(), default="16:64", show_default=True,
+              help="Prompt length range in tokens, drawn uniformly.")
+@click.option("--output-tokens", type=TokenRange(), default="16:64", show_default=True,
+              help="Output length range in tokens, drawn uniformly (EOS ignored).")
+@click.option("--base-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests for the base model alone.")
+@click.option("--auto-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests naming the adapter 'auto' (the server's router picks).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Workload seed.")
+@click.option("--json", "json_path", metavar="FILE", default=None,
+              help="Write the result (settings, summary, every request) as JSON; - = stdout.")
+@click.option("--server-pid", type=click.IntRange(min=1), default=None, metavar="PID",
+              help="The server's process on this machine: report its CPU seconds per output "
+                   "token and peak RSS.")
+@click.option("--api-key", envvar=_env("API_KEY"), default=None, metavar="KEY",
+              help="Sent as 'Authorization: Bearer KEY' [env: EDGELORA_API_KEY].")
+@click.option("--base-model", default=None, metavar="NAME",
+              help="openai: the model name of base requests [default: as GET /v1/models lists].")
+@click.option("--token-ids", type=TokenRange(), default=None,
+              help="Draw prompt token ids from this range instead of the server's /tokenize.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True, help="Seconds a request may take after sending.")
+@click.option("--extra", default=None, metavar="JSON",
+              help="Fields added to every request body, e.g. '{\"temperature\": 0}'.")
+def bench(url, api, rate, duration, adapters_arg, alpha, popularity, cv, prompt_tokens,
+          output_tokens, base_fraction, auto_fraction, seed, json_path, server_pid, api_key,
+          base_model, token_ids, timeout, extra):
+    """Load a server at URL with the paper's open-loop workload and measure it.
+
+    Requests arrive with Gamma gaps (mean 1/R), ask for adapters by a power law, stream, and
+    ignore EOS. Prints throughput, latency and TTFT from each request's intended arrival, and
+    SLO attainment at TTFT <= 1 s and 6 s (docs/bench.md).
+    """
+    from edgelora_np.errors import BenchError
+    from edgelora_np.loadgen import WorkloadSpec, format_summary, run_bench
+
+    if extra is not None:
+        try:
+            extra = json.loads(extra)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="'--extra'") from None
+        if not isinstance(extra, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="'--extra'")
+    spec = WorkloadSpec(rate=rate, duration=duration, alpha=alpha, cv=cv,
+                        prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                        base_fraction=base_fraction, auto_fraction=auto_fraction,
+                        popularity=popularity, seed=seed)
+    pool = None if token_ids is None else range(token_ids[0], token_ids[1] + 1)
+    out = None
+    if json_path not in (None, "-"):
+        try:
+            out = open(json_path, "w")      # now: a run is not lost to an unwritable path
+        except OSError as e:
+            raise BenchError(f"cannot write {json_path}: {e.strerror}") from None
+    _status(f"edgelora bench: {spec.n_requests} requests to {url} over {duration:g} s")
+    try:
+        with click.progressbar(length=spec.n_requests, label="requests", file=sys.stderr) as bar:
+            result = run_bench(url, spec, api=api, adapters=_adapters_arg(adapters_arg),
+                               base_model=base_model, prompt_pool=pool, server_pid=server_pid,
+                               api_key=api_key, timeout=timeout, extra=extra,
+                               on_result=lambda r: bar.update(1))
+        doc = result.to_json()
+    except BaseException:
+        if out is not None:
+            out.close()
+            os.remove(json_path)
+        raise
+    if out is not None:
+        with out:
+            json.dump(doc, out, indent=1)
+    if json_path == "-":
+        click.echo(json.dumps(doc))
+        _status(format_summary(doc))
+    else:
+        click.echo(format_summary(doc))
+
+
 if __name__ == "__main__":
     main()

@@ -58,3 +58,7 @@ class QueueFullError(CapacityError):
 
 class EngineError(EdgeLoraError):
     """The engine has stopped (it failed, or was closed) and takes no more requests."""
+
+
+class BenchError(EdgeLoraError):
+    """A load-generator setting is out of range, or a server cannot be benchmarked as asked."""
