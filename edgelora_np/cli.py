@@ -679,7 +679,6 @@ def adapters_inspect(adapter_path, store_dir, model_path, as_json):
     click.echo(f"  memory    {ad.nbytes / 2**20:.2f} MiB as float32, {len(ad.pairs)} A/B pairs")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # bench
 

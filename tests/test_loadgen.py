@@ -47,7 +47,7 @@ from edgelora_np.loadgen.workload import gamma_gaps, paper_indices
 POOL = list(range(1000, 1040))      # the fake server's /tokenize answer
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 LORA_IDS = [0, 1, 2, 3]
-SLACK = 0.3                         # seconds of scheduling jitter allowed above a fake's timing
+SLACK = 0.5                         # seconds of scheduling jitter allowed above a fake's timing
 EPS = 0.005                         # clock granularity allowed below it
 
 
@@ -438,12 +438,12 @@ def test_a_late_send_counts_against_the_server(fake):
             blocked.append(r.index)
             time.sleep(0.3)
 
-    res = run_bench(fake.url, steady(4, 0.1, output_tokens=(1, 1), seed=0), api="edgelora",
+    res = run_bench(fake.url, steady(6, 0.1, output_tokens=(1, 1), seed=0), api="edgelora",
                     on_result=block_once, timeout=10)
-    late = res.results[1]               # due at 0.1, sent when the loop woke at ~0.32
-    lag = late.sent - late.arrival
-    assert lag >= 0.15
-    assert late.ttft >= lag + 0.02 - EPS and late.latency >= late.ttft
+    late = [r for r in res.results if r.sent - r.arrival >= 0.15]
+    assert late                         # due while the loop was blocked, sent when it woke
+    for r in res.results:
+        assert r.ttft >= (r.sent - r.arrival) + 0.02 - EPS and r.latency >= r.ttft
     assert res.summary["send_lag_s"]["max"] >= 0.15
     assert "sent late" in format_summary(res.to_json())
 
@@ -555,13 +555,13 @@ def test_no_server_is_a_connect_error():
 
 
 def test_server_process_cpu_and_memory(fake):
-    fake.configure(gap=0.002)            # the fake runs in this process: its pid is ours
-    res = run_bench(fake.url, steady(4, 0.02, output_tokens=(20, 20)), api="edgelora",
+    fake.configure(gap=0.001)            # the fake runs in this process: its pid is ours
+    res = run_bench(fake.url, steady(4, 0.02, output_tokens=(50, 50)), api="edgelora",
                     server_pid=os.getpid(), timeout=10)
     server = res.server
     assert server["pid"] == os.getpid() and not server["exited"]
     assert server["cpu_seconds"] > 0
-    assert server["cpu_seconds_per_output_token"] == pytest.approx(server["cpu_seconds"] / 80)
+    assert server["cpu_seconds_per_output_token"] == pytest.approx(server["cpu_seconds"] / 200)
     assert 0 < server["max_sampled_rss_mb"] <= server["peak_rss_mb"]
     assert "CPU s/output token" in format_summary(res.to_json())
 

@@ -159,12 +159,12 @@ class ProcessWatch:
 
     def report(self, output_tokens: int, wall_seconds: float) -> dict:
         out = {"pid": self.pid}
+        self.sample()                  # before VmHWM, so that the sampled max is <= it
         try:
             cpu = proc_cpu_seconds(self.pid) - self.cpu0
             hwm = proc_memory_mb(self.pid).get("hwm")
         except BenchError:
             return {**out, "exited": True}
-        self.sample()
         return {**out, "exited": self.exited, "cpu_seconds": cpu,
                 "cpu_seconds_per_output_token": cpu / output_tokens if output_tokens else None,
                 "cores_busy": cpu / wall_seconds if wall_seconds > 0 else None,
