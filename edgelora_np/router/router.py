@@ -58,9 +58,9 @@ class RouterSettings:
     choice: str = "cache"      # "cache" (prefer resident, choice.py) or "best"
     shortlist: int = 8         # adapters in the softmax besides the base model (calibrate.py)
     max_tokens: int = 256      # prompt tokens read (the first ones)
-    w_embed: float = 22.9      # calibration: weight of the cosine to a centroid
-    w_keyword: float = 12.5    # calibration: weight of the BM25 share
-    bias_base: float = 6.5     # calibration: the base model's offset (higher abstains more)
+    w_embed: float = 22.888    # calibration: weight of the cosine to a centroid
+    w_keyword: float = 12.529  # calibration: weight of the BM25 share
+    bias_base: float = 6.456   # calibration: the base model's offset (higher abstains more)
 
     def __post_init__(self):
         if self.choice not in CHOICES:
