@@ -19,8 +19,9 @@ a few milliseconds beside the partial prefill (docs/router.md measures it).
 
 Bad input never raises from `route`; it falls back to the base model and says why in
 `Route.reason`: "empty" (nothing to route), "no cards" (no adapter in the store has example
-prompts). A prompt longer than `max_tokens` is routed on its first max_tokens tokens
-(`Route.truncated`), however long it is: whether it fits the context is the engine's check.
+prompts). A prompt longer than `max_tokens` is routed on its first max_tokens tokens (and the
+keyword score reads the same head) with `Route.truncated` set, however long it is: whether it
+fits the context is the engine's check.
 An adapter removed from the store after the router indexed it is skipped (`Route.skipped`);
 `refresh()` re-reads the store.
 
@@ -43,6 +44,8 @@ from edgelora_np.router.calibrate import Calibration
 from edgelora_np.router.choice import CHOICES
 from edgelora_np.router.embed import Moments, Standardizer, embed_tokens
 from edgelora_np.router.keywords import KeywordIndex, card_text
+
+MAX_TOKEN_CHARS = 16        # characters per token at most, for all but freak tokens
 
 
 @dataclass(frozen=True)
@@ -189,14 +192,18 @@ class Router:
         state = self._state
         if not state.names:
             return Route(None, 1.0, (), "no cards", 1.0, seconds=time.perf_counter() - start)
-        tokens = self.model.tokenize(prompt) if prompt.strip() else []
+        # Only the head of a long prompt is read: tokenizing a megabyte to keep 256 tokens of it
+        # would cost more than the route.
+        head = prompt[:self.settings.max_tokens * MAX_TOKEN_CHARS]
+        tokens = self.model.tokenize(head) if head.strip() else []
         if not tokens:
             return Route(None, 1.0, (), "empty", 1.0, seconds=time.perf_counter() - start)
         n_read = min(len(tokens), self.settings.max_tokens)
         x = embed_tokens(self.model.llama, [np.asarray(tokens[:n_read])], self.settings.n_layers)
-        e, k, e0 = self.scores(x, [prompt], state)
+        e, k, e0 = self.scores(x, [head], state)
         route = self.decide(e[0], k[0], float(e0[0]), resident, state)
-        return replace(route, tokens=n_read, truncated=len(tokens) > n_read,
+        truncated = len(tokens) > n_read or len(head) < len(prompt)
+        return replace(route, tokens=n_read, truncated=truncated,
                        seconds=time.perf_counter() - start)
 
     def scores(self, embeddings: np.ndarray, prompts: list[str], state: _State | None = None):
