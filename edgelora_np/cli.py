@@ -1,4 +1,5 @@
-"""The `edgelora` command line: serve, generate, chat, demo, inspect, warmup, adapters.
+"""The `edgelora` command line: serve, generate, chat, demo, inspect, warmup, adapters, route,
+bench.
 
 A thin click group over the public API (edgelora_np/api.py). Heavy modules (NumPy, Numba, the
 API) are imported inside the commands, so that `edgelora --help` need not load them.
@@ -576,13 +577,25 @@ def _base_config(model_path):
               help="Scale baked into the stored adapter.")
 @click.option("--description", default=None, help="Adapter card description (overrides card.json).")
 @click.option("--keyword", "keywords", multiple=True, help="Adapter card keyword (repeatable).")
+@click.option("--example", "examples", multiple=True, metavar="PROMPT",
+              help="A prompt this adapter should serve, for the router (repeatable; added to the "
+                   "card's router_examples).")
+@click.option("--examples", "examples_file", type=click.File("r"), default=None, metavar="FILE",
+              help="More router examples, one prompt per line.")
+@click.option("--no-index", is_flag=True,
+              help="Do not embed the cards for the router now (it does so when it next opens "
+                   "the store).")
 @click.option("--force", is_flag=True, help="Re-import even when the source is unchanged.")
-def adapters_import(sources, store_dir, model_path, name, scale, description, keywords, force):
+def adapters_import(sources, store_dir, model_path, name, scale, description, keywords, examples,
+                    examples_file, no_index, force):
     """Convert PEFT directories / GGUF-LoRA files into the store, once.
 
     Idempotent: a source already imported unchanged is skipped, so an interrupted import of
     thousands of adapters is simply run again. A source that fails is reported and skipped;
-    the exit code is 2 if any failed."""
+    the exit code is 2 if any failed.
+
+    An adapter whose card (card.json beside it, or --example) has example prompts is indexed
+    for the router (`edgelora route`); one without is never chosen automatically."""
     from edgelora_np.errors import EdgeLoraError
 
     if name and len(sources) > 1:
@@ -595,18 +608,24 @@ def adapters_import(sources, store_dir, model_path, name, scale, description, ke
         card["description"] = description
     if keywords:
         card["keywords"] = list(keywords)
+    extra = list(examples) + ([line.strip() for line in examples_file if line.strip()]
+                              if examples_file else [])
     counts = {"imported": 0, "unchanged": 0, "failed": 0}
+    done = []
     with click.progressbar(sources, label="importing", file=sys.stderr,
                            show_pos=True, item_show_func=lambda s: s and os.path.basename(s)) as bar:
         for src in bar:
             try:
+                mine = _with_router_examples(card, src, extra)
                 counts[store.import_adapter(src, cfg, fingerprint, name=name, scale=scale,
-                                            card=card, force=force)] += 1
+                                            card=mine, force=force)] += 1
+                done.append(_stored_name(src, name))
             except EdgeLoraError as e:
                 counts["failed"] += 1
                 _error(str(e))
     _status(f"{counts['imported']} imported, {counts['unchanged']} unchanged, "
             f"{counts['failed']} failed; the store holds {len(store)} adapter(s)")
+    _index_for_router(store, done, model_path, no_index)
     return EXIT_USAGE if counts["failed"] else 0
 
 
@@ -803,6 +822,188 @@ def bench(url, api, rate, duration, adapters_arg, alpha, popularity, cv, prompt_
         _status(format_summary(doc))
     else:
         click.echo(format_summary(doc))
+
+
+# ----------------------------------------------------------------------------------------------
+# route: which adapter should serve a prompt (edgelora_np/router/, docs/router.md)
+
+def _stored_name(src: str, name: str | None) -> str:
+    """The name `AdapterStore.import_adapter` gives a source."""
+    from pathlib import Path
+
+    path = Path(src)
+    return name or (path.name if path.is_dir() else path.stem)
+
+
+def _with_router_examples(card: dict, src: str, extra: list[str]) -> dict:
+    """The card overrides for one source, with --example prompts added to its card's own."""
+    if not extra:
+        return card
+    from pathlib import Path
+
+    from edgelora_np.adapters.store import read_card
+
+    own = read_card(Path(src)).get("router_examples", [])
+    return {**card, "router_examples": list(own) + extra}
+
+
+def _index_for_router(store, names: list[str], model_path, no_index: bool) -> None:
+    """Say which imported adapters the router can never choose; embed the others' cards."""
+    from edgelora_np.router import index
+
+    cards = store.cards()
+    routable = [n for n in names if n in cards and index.examples(cards[n], n)]
+    for n in sorted(set(names) - set(routable)):
+        _status(f"{n}: its card has no example prompts, so the router will never choose it "
+                "(add a card.json with example_prompts, or --example PROMPT)")
+    if not routable or no_index:
+        return
+    from edgelora_np.router import RouterSettings
+
+    settings = RouterSettings()
+    model = _load(model_path, None, None)
+    with click.progressbar(length=len(routable) + 1, label="indexing for the router",
+                           file=sys.stderr) as bar:          # + 1: the router's base card
+        index.index_store(store, model, settings.n_layers, settings.max_tokens,
+                          names=set(routable), progress=lambda _: bar.update(1))
+
+
+class _DefaultCommandGroup(EdgeLoraGroup):
+    """A group whose first argument, if it names no subcommand, goes to a default command:
+    `edgelora route PROMPT` is `edgelora route prompt PROMPT`, while `edgelora route eval FILE`
+    runs eval (a prompt that is literally "eval" is routed with `edgelora route prompt eval`)."""
+
+    default_command = "prompt"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultCommandGroup)
+def route():
+    """Which adapter should serve a prompt: `edgelora route PROMPT --store DIR`.
+
+    \b
+    edgelora route PROMPT --store DIR [--json] [--top-k K]
+    edgelora route - --store DIR --json       one prompt per stdin line, one JSON line each
+    edgelora route eval FILE.jsonl --store DIR   accuracy on labelled prompts
+
+    The router scores every adapter of the store whose card has example prompts (keywords and
+    the base model's own embedding of the prompt), and answers with the base model when none
+    fits. The first run on a store embeds the cards (seconds)."""
+
+
+def route_options(f):
+    f = click.option("--resident", multiple=True, metavar="NAME",
+                     help="An adapter already in memory: preferred when nearly as likely as the "
+                          "best (repeatable).")(f)
+    f = click.option("--top-k", type=click.IntRange(min=1), default=None,
+                     help="Candidates listed and considered [default: the router's, 2].")(f)
+    f = click.option("--model", "model_path", metavar="PATH", default=None,
+                     help="GGUF file [default: $EDGELORA_MODEL, else the embedded model].")(f)
+    return STORE_OPTION(f)
+
+
+def _router(store_dir, model_path, top_k):
+    """Open the store, load the model, build the router (indexing what is new, with a bar)."""
+    from dataclasses import replace
+
+    from edgelora_np.router import Router, RouterSettings
+
+    store = _open_store(store_dir)
+    settings = RouterSettings() if top_k is None else replace(RouterSettings(), top_k=top_k)
+    model = _load(model_path, None, None)
+    todo = []
+
+    def progress(name):
+        if not todo:
+            _status("edgelora: embedding the adapter cards for the router ...")
+        todo.append(name)
+
+    router = Router.from_store(store, model, settings, progress=progress)
+    if not router.adapters:
+        _status(f"note: no adapter in {store.root} has a card with example prompts; every "
+                "prompt goes to the base model")
+    return router
+
+
+def _format_route(route) -> str:
+    who = route.adapter or "(base model)"
+    line = f"{who}  {route.probability:.3f}  ({route.reason})"
+    if route.candidates:
+        line += "\n  candidates: " + ", ".join(f"{a} {p:.3f}" for a, p in route.candidates)
+        line += f"; base model {route.base_probability:.3f}"
+    return line
+
+
+@route.command("prompt")
+@click.argument("prompt")
+@route_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+def route_prompt(prompt, store_dir, model_path, top_k, resident, as_json):
+    """Route PROMPT, or with PROMPT "-" every line of stdin."""
+    router = _router(store_dir, model_path, top_k)
+    lines = (line.rstrip("\r\n") for line in sys.stdin) if prompt == "-" else [prompt]
+    for text in lines:
+        r = router.route(text, resident=frozenset(resident))
+        if as_json:
+            click.echo(json.dumps(r.to_json(text), ensure_ascii=False))
+        elif prompt == "-":
+            click.echo(f"{r.adapter or '(base model)'}\t{r.probability:.3f}\t{text}")
+        else:
+            click.echo(_format_route(r))
+        sys.stdout.flush()
+
+
+@route.command("eval")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@route_options
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
+def route_eval(file, store_dir, model_path, top_k, resident, as_json):
+    """Accuracy on FILE.jsonl: lines {"prompt": ..., "adapter": NAME, or "none" / null for the
+    base model}. Prints top-1, top-2 recall, 'none' precision and recall, macro-F1, ECE and the
+    router's latency."""
+    import numpy as np
+
+    from edgelora_np.errors import EdgeLoraError
+    from edgelora_np.router.metrics import NONE, evaluate, format_table
+
+    rows = []
+    with open(file) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, label = row["prompt"], row.get("adapter") or NONE
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise EdgeLoraError(f"{file}:{i}: expected a JSON object with \"prompt\" and "
+                                    "\"adapter\"") from None
+            if not isinstance(prompt, str) or not isinstance(label, str):
+                raise EdgeLoraError(f"{file}:{i}: \"prompt\" and \"adapter\" must be strings")
+            rows.append((prompt, label))
+    if not rows:
+        raise EdgeLoraError(f"{file}: no prompts")
+    router = _router(store_dir, model_path, top_k)
+    unknown = sorted({y for _, y in rows} - set(router.adapters) - {NONE})
+    if unknown:
+        _status(f"note: labels the router cannot choose (not in the store, or no card): "
+                f"{', '.join(unknown)}")
+    routes = []
+    with click.progressbar(rows, label="routing", file=sys.stderr) as bar:
+        for prompt, _ in bar:
+            routes.append(router.route(prompt, resident=frozenset(resident)))
+    result = evaluate([y for _, y in rows], routes)
+    ms = [1e3 * r.seconds for r in routes]
+    result.update(ms_p50=float(np.percentile(ms, 50)), ms_p95=float(np.percentile(ms, 95)))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(format_table({f"{os.path.basename(file)} ({result['n']} prompts)": result}))
+    click.echo(f"\n{result['n_in_scope']} in scope, {result['n_none']} 'none'; router latency "
+               f"{result['ms_p50']:.1f} ms p50, {result['ms_p95']:.1f} ms p95")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tiny_model import TinySpec, k_spec, write_tiny_model
 
 import edgelora_np as el
 from edgelora_np.model.batch import Batch
-from edgelora_np.model.reference import reference_logits
+from edgelora_np.model.reference import reference_hidden_states, reference_logits
 
 U16, UBF16, U8 = 2.0**-11, 2.0**-8, 2.0**-7
 # weight type -> (rms bound, max bound) on the relative error of the logits (see above)
@@ -188,3 +188,54 @@ def test_thread_count_does_not_change_logits(model_dir, qtype):
     assert one.llama.weights.layers[0].wo.qs.shape != two.llama.weights.layers[0].wo.qs.shape
     np.testing.assert_array_equal(logits_one, logits_two)
 
+
+
+# --- the partial forward (Llama.hidden_states, the router's prompt embedding) ----------------
+
+HIDDEN_SPECS = {"F32": TinySpec(n_layers=3, seed=5), "Q8_0": TinySpec(n_layers=3, qtype=QT.Q8_0, seed=6)}
+
+
+# The quantized model only with the JIT (as plain Python its kernels take seconds per call).
+@pytest.mark.parametrize("name", ["F32", pytest.param("Q8_0", marks=pytest.mark.slow)])
+def test_hidden_states_match_reference(model_dir, name):
+    """The residual stream after the first n blocks against the float64 reference, within
+    the logits' bounds (the same roundings, fewer of them); after 0 blocks it is the embedding."""
+    spec = HIDDEN_SPECS[name]
+    path = model_path(model_dir, f"hidden-{name}", spec)
+    model = el.load_model(path, progress=False)
+    ids = np.random.default_rng(7).integers(0, spec.vocab, N_TOKENS)
+    rms_bound, max_bound = BOUNDS.get(spec.qtype, QUANTIZED_BOUNDS)
+    for n_layers in range(spec.n_layers + 1):
+        cache = model.llama.new_cache(64)
+        ours = model.llama.hidden_states(Batch.single(ids), cache, n_layers).astype(np.float64)
+        ref = reference_hidden_states(path, ids, n_layers)                       # [n, D]
+        assert ours.shape == ref.shape == (N_TOKENS, spec.dim)
+        err = ours - ref
+        if n_layers == 0 and spec.qtype == QT.F32:
+            np.testing.assert_array_equal(ours, ref)
+        assert np.sqrt((err**2).mean()) <= rms_bound * ref.std(), n_layers
+        assert np.abs(err).max() <= max_bound * np.abs(ref).max(), n_layers
+        assert cache.length(0) == N_TOKENS
+
+
+def test_hidden_states_are_the_forwards_stream(model_dir):
+    """All blocks, then the final norm and output matrix, give forward's logits bit for bit;
+    every_layer stacks the stream after each block (its last row is the plain call's)."""
+    from edgelora_np.kernels.elementwise import rmsnorm
+    from edgelora_np.kernels.pack import matmul
+
+    spec = HIDDEN_SPECS["F32"]
+    model = el.load_model(model_path(model_dir, "hidden-F32", spec), progress=False)
+    llama = model.llama
+    ids = np.random.default_rng(8).integers(0, spec.vocab, 11)
+    batch = Batch.single(ids, all_logits=True)
+    every = llama.hidden_states(batch, llama.new_cache(64), spec.n_layers, every_layer=True)
+    assert every.shape == (spec.n_layers, len(ids), spec.dim)
+    for n_layers in range(1, spec.n_layers + 1):
+        x = llama.hidden_states(batch, llama.new_cache(64), n_layers)
+        np.testing.assert_array_equal(x, every[n_layers - 1])
+    normed = np.empty_like(x)
+    rmsnorm(x, llama.weights.output_norm, llama.cfg.rms_eps, normed)
+    np.testing.assert_array_equal(matmul(llama.weights.output, normed), alone(model, ids))
+    with pytest.raises(el.EdgeLoraError, match="n_layers must be between 0 and 3"):
+        llama.hidden_states(batch, llama.new_cache(64), 4)

@@ -170,7 +170,11 @@ def write_card(target: Path, task: Task, prompts: list[str], training: dict) -> 
     card = {"name": task.name, "description": task.description, "keywords": list(task.keywords),
             "example_prompts": prompts, "task_source": "tools/adapter_tasks.py",
             "training": training}
-    (target / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    path = target / "card.json"
+    if path.is_file():           # keep tools/make_router_examples.py's field across retraining
+        old = json.loads(path.read_text())
+        card.update({k: old[k] for k in ("router_examples",) if k in old})
+    path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 def main() -> None:

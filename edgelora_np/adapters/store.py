@@ -2,7 +2,8 @@
 
     STORE/
       index.sqlite      one row per adapter: name, base-model fingerprint, ranks, bytes,
-                        checksum, card (description, keywords, example prompts), source
+                        checksum, card (description, keywords, example prompts), source;
+                        and the router's vectors of each card (table router_vectors)
       data/NAME.ela     one file per adapter: a small header, then the packed payload
 
 A .ela file ("edgelora adapter") is what the pool copies into its arena, nothing to convert:
@@ -67,6 +68,17 @@ CREATE TABLE IF NOT EXISTS adapters (
     source_sha256 TEXT NOT NULL,
     scale REAL NOT NULL,
     imported REAL NOT NULL
+);
+-- The router's summary of each card's example prompts (router/index.py). Added after the first
+-- stores were written: opening an older store creates it empty, and the router fills it in.
+CREATE TABLE IF NOT EXISTS router_vectors (
+    name TEXT NOT NULL,              -- an adapter, or the router's own "(base model)" card
+    spec TEXT NOT NULL,              -- what was embedded: base model, layers, pooling
+    card_sha256 TEXT NOT NULL,       -- of the example prompts embedded: stale when they change
+    n INTEGER NOT NULL,              -- how many prompts
+    dim INTEGER NOT NULL,            -- D
+    moments BLOB NOT NULL,           -- float32 [2, D]: sum and sum of squares of the embeddings
+    PRIMARY KEY (name, spec)
 );
 """
 
@@ -212,6 +224,34 @@ class AdapterStore:
         """name -> base-model fingerprint of every adapter (light: what an engine keeps)."""
         return dict(self._query("SELECT name, fingerprint FROM adapters"))
 
+    def cards(self) -> dict[str, dict]:
+        """name -> card of every adapter (lighter than rows(): what a router reads)."""
+        return {name: json.loads(card) for name, card in
+                self._query("SELECT name, card FROM adapters ORDER BY name")}
+
+    def present(self, names: list[str]) -> set[str]:
+        """Which of `names` are in the store now."""
+        if not names:
+            return set()
+        marks = ",".join("?" * len(names))
+        return {r[0] for r in self._query(f"SELECT name FROM adapters WHERE name IN ({marks})",
+                                          tuple(names))}
+
+    def router_vectors(self, spec: str) -> dict[str, tuple[str, int, int, bytes]]:
+        """name -> (card_sha256, n, dim, moments blob) of every vector row made under `spec`."""
+        return {r[0]: tuple(r[1:]) for r in self._query(
+            "SELECT name, card_sha256, n, dim, moments FROM router_vectors WHERE spec = ?", (spec,))}
+
+    def put_router_vectors(self, name: str, spec: str, card_sha256: str, n: int, dim: int,
+                           moments: bytes) -> None:
+        with self._lock:
+            try:
+                self._db.execute("INSERT OR REPLACE INTO router_vectors VALUES (?,?,?,?,?,?)",
+                                 (name, spec, card_sha256, int(n), int(dim), moments))
+            except sqlite3.DatabaseError as e:
+                raise AdapterError(f"adapter {name!r}: the store index could not be updated: "
+                                   f"{e}") from None
+
     def rows(self) -> list[StoredAdapter]:
         return [self._row(r) for r in self._query("SELECT * FROM adapters ORDER BY name")]
 
@@ -335,6 +375,7 @@ class AdapterStore:
         self.get(name)
         with self._lock:
             self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM router_vectors WHERE name = ?", (name,))
         with contextlib.suppress(FileNotFoundError):
             self.file(name).unlink()
 

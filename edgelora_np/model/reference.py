@@ -31,20 +31,39 @@ def reference_logits(gguf_path: str | os.PathLike, token_ids,
     `merged` maps tensor names (e.g. "blk.3.attn_q.weight") to dense deltas [out, in] added to
     the dequantized weights: a LoRA adapter merged in, W + scale * B @ A.
     """
-    merged = merged or {}
     gf = open_gguf(gguf_path)
     cfg = config_from_gguf(gf)
-    ids = np.asarray(token_ids, dtype=np.int64)                          # [n]
-    n = len(ids)
+    weight = _weights(gf, merged or {})
+    x = _blocks(gf, cfg, weight, token_ids, cfg.n_layers)                # [n, D]
+    h = rmsnorm(x, weight("output_norm.weight"), cfg.rms_eps)            # [n, D]
+    # Llama models without an output matrix reuse the embedding (tied weights).
+    out_name = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"
+    return h @ weight(out_name).T                                        # [n, V]
 
+
+def reference_hidden_states(gguf_path: str | os.PathLike, token_ids, n_layers: int) -> np.ndarray:
+    """float64 [n, D]: the residual stream after blocks 0..n_layers-1 (Llama.hidden_states)."""
+    gf = open_gguf(gguf_path)
+    cfg = config_from_gguf(gf)
+    return _blocks(gf, cfg, _weights(gf, {}), token_ids, n_layers)
+
+
+def _weights(gf: GGUFFile, merged: dict[str, np.ndarray]):
+    """name -> the dense float64 weight, plus its merged delta if any."""
     def weight(name: str) -> np.ndarray:
         t = gf.tensor(name)
         w = dequantize(t.data, t.qtype, t.shape, name=name).astype(np.float64)
         return w + merged[name] if name in merged else w
+    return weight
 
+
+def _blocks(gf: GGUFFile, cfg: LlamaConfig, weight, token_ids, n_layers: int) -> np.ndarray:
+    """The embeddings of `token_ids` through blocks 0..n_layers-1: x [n, D]."""
+    ids = np.asarray(token_ids, dtype=np.int64)                          # [n]
+    n = len(ids)
     cos, sin = rope_angles(cfg, np.arange(n), _rope_freq_factors(gf))    # [n, rope_dim/2] x2
     x = weight("token_embd.weight")[ids]                                 # [n, D]
-    for i in range(cfg.n_layers):
+    for i in range(n_layers):
         p = f"blk.{i}."
         # Attention block: x = x + Wo @ attention(rope(Wq h), rope(Wk h), Wv h)
         h = rmsnorm(x, weight(p + "attn_norm.weight"), cfg.rms_eps)      # [n, D]
@@ -59,10 +78,7 @@ def reference_logits(gguf_path: str | os.PathLike, token_ids,
         gate = h @ weight(p + "ffn_gate.weight").T                       # [n, F]
         up = h @ weight(p + "ffn_up.weight").T                           # [n, F]
         x = x + (silu(gate) * up) @ weight(p + "ffn_down.weight").T      # [n, D]
-    h = rmsnorm(x, weight("output_norm.weight"), cfg.rms_eps)            # [n, D]
-    # Llama models without an output matrix reuse the embedding (tied weights).
-    out_name = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"
-    return h @ weight(out_name).T                                        # [n, V]
+    return x
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
