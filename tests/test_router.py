@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgelora_np.errors import EdgeLoraError
+import edgelora_np as el
+from edgelora_np.errors import AdapterError, EdgeLoraError
 from edgelora_np.router import Route, Router, RouterSettings, settings_from
 from edgelora_np.router import calibrate as cal
 from edgelora_np.router.choice import CHOICES
@@ -599,3 +600,35 @@ def test_cli_import_says_which_adapters_the_router_cannot_choose(cli_model, tmp_
     routed = cli("route", "Reverse the order of these words: lamp river stone", "--store", store,
                  "--json")
     assert json.loads(routed.stdout)["adapter"] == "bare2"
+
+
+@pytest.mark.slow
+def test_engine_auto_serves_the_routed_adapter(shipped_store, real_model):
+    """adapter="auto": the engine routes, the Generation says so, and its tokens are those of
+    the chosen adapter named outright (or of the base model)."""
+    engine = el.Engine(real_model, store=shipped_store, max_seqs=4)
+    try:
+        prompts = [CLEAR["dates"], CLEAR["sql"], GENERAL[0]]
+        gens = [engine.submit(p, adapter="auto", chat=True, temperature=0.0, max_tokens=12)
+                for p in prompts]
+        assert [g.adapter for g in gens] == ["dates", "sql", None]
+        assert [g.route.reason for g in gens] == ["best", "best", "abstain"]
+        for prompt, gen in zip(prompts, gens):
+            named = engine.submit(prompt, adapter=gen.adapter, chat=True, temperature=0.0,
+                                  max_tokens=12).run()
+            assert gen.run().token_ids == named.token_ids
+        # Only allowed adapters are candidates (a tenant's): the dates prompt cannot get dates.
+        held = engine.submit(CLEAR["dates"], adapter="auto", allowed=lambda n: n != "dates",
+                             temperature=0.0, max_tokens=2)
+        assert held.adapter != "dates" and all(n != "dates" for n, _ in held.route.candidates)
+        held.run()
+    finally:
+        engine.close()
+
+
+def test_auto_is_not_an_adapter_name(tmp_path):
+    from edgelora_np.adapters.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "store", create=True)
+    with pytest.raises(AdapterError, match="'auto' is reserved"):
+        store.put("auto", None, fingerprint="x")

@@ -205,6 +205,25 @@ def test_client_exceptions(server):
     assert e.value.body["n_prompt_tokens"] == n > 2048 and e.value.body["n_ctx"] == 2048
 
 
+def test_model_auto_routes_within_the_callers_adapters(server):
+    url, _ = server
+    c = client(url)
+    raw = c.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "What is Jan 10, 1973 in ISO format?"}],
+        max_tokens=16, temperature=0)
+    reply = raw.parse()
+    assert reply.model == "dates" and "1973-01-10" in reply.choices[0].message.content
+    assert raw.headers["x-edgelora-route"].startswith("dates; probability=")
+    general = greedy_chat(c, "auto", "What is the capital of Italy?", n=4)
+    assert general.model == "SmolLM2-135M-Instruct.Q4_1"
+    # bob may use reverse and units only: the dates prompt is never routed to dates.
+    bob = greedy_chat(client(url, "bob"), "auto", "What is Jan 10, 1973 in ISO format?", n=4)
+    assert bob.model in ("SmolLM2-135M-Instruct.Q4_1", "reverse", "units")
+    r = post(url, "/completion", {"prompt": "SQL for employees: Who was hired after 2013?",
+                                  "n_predict": 4, "temperature": 0, "adapter": "auto"})
+    assert r.json()["model"] == "sql" and "reason=" in r.headers["x-edgelora-route"]
+
+
 # --- llama.cpp's API, raw HTTP --------------------------------------------------------------------
 
 def post(url, path, body, tenant="ops", **kw):

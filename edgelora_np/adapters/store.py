@@ -96,10 +96,16 @@ def model_fingerprint(path: str | os.PathLike, *, samples: int = 16, sample_byte
     return "gguf-sha256:" + h.hexdigest()[:32]
 
 
+AUTO = "auto"           # not an adapter: a request naming it asks the router to choose
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise AdapterError(f"bad adapter name {name!r}: use 1-128 letters, digits, '.', '_' or "
                            "'-', starting with a letter or digit")
+    if name == AUTO:
+        raise AdapterError(f"the adapter name {AUTO!r} is reserved: requests use it to let the "
+                           "router choose")
     return name
 
 

@@ -50,12 +50,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
 from edgelora_np.adapters.pool import AdapterPool, PoolFullError, PoolStats
+from edgelora_np.adapters.store import AUTO
 from edgelora_np.engine.generation import Delta, Generation
 from edgelora_np.errors import (
     AdapterError,
@@ -144,6 +146,8 @@ class Engine:
         self._prefetcher: threading.Thread | None = None
         self._prefetch_wake = threading.Event()
         self._fatal: BaseException | None = None  # a helper thread's death, for the engine thread
+        self._router = None
+        self._router_lock = threading.Lock()
         if store is not None:
             self.open_store(store)
 
@@ -177,6 +181,8 @@ class Engine:
             for name in set(self._catalog) - set(rows):
                 self._forget(name)
             self._catalog = rows
+        if self._router is not None:
+            self._router.refresh()
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving `name` (a store adapter stays in the store)."""
@@ -225,14 +231,22 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, prompt, *, adapter: str | None = None, adapter_scale: float = 1.0,
-               chat: bool = False, **sampling) -> Generation:
+               chat: bool = False, allowed: Callable[[str], bool] | None = None,
+               **sampling) -> Generation:
         """Queue a request (text, chat message(s) with chat=True, or token ids).
 
+        `adapter="auto"` lets the router choose among the adapters `allowed` accepts (default:
+        all), or the base model; the Generation's `route` says what it chose and why.
         `adapter_scale` multiplies this request's LoRA correction (1 = as imported)."""
         params = SamplingParams(**sampling)
         if not np.isfinite(adapter_scale):
             raise SamplingError(f"adapter_scale must be finite, got {adapter_scale!r}")
         ids = self.model.prompt_ids(prompt, chat=chat)
+        route = None
+        if adapter == AUTO:
+            route = self.router.route(self._route_text(prompt, ids),
+                                      resident=set(self.pool.names), allowed=allowed)
+            adapter = route.adapter
         if len(ids) >= self.model.n_ctx:
             raise ContextOverflowError(f"prompt of {len(ids)} tokens leaves no room in the "
                                        f"context of {self.model.n_ctx} positions",
@@ -256,7 +270,7 @@ class Engine:
                 self.pool.access(adapter)
                 self._adapter_users[adapter] = self._adapter_users.get(adapter, 0) + 1
             gen = Generation(prompt_tokens=len(ids), adapter=adapter,
-                             adapter_scale=float(adapter_scale), _engine=self)
+                             adapter_scale=float(adapter_scale), route=route, _engine=self)
             self._waiting.append(_Sequence(
                 next(self._ids), ids, adapter, float(adapter_scale), params, gen, sampler,
                 StreamDecoder(self.model.tokenizer), StopMatcher(params.stop), budget))
@@ -265,6 +279,30 @@ class Engine:
         if self.background:
             self.start()
         return gen
+
+    # --- the router ------------------------------------------------------------------------
+
+    @property
+    def router(self):
+        """The router over the store's adapters (router/), built on first use."""
+        with self._router_lock:
+            if self._router is None:
+                if self.store is None:
+                    raise AdapterError("adapter 'auto' needs an adapter store whose adapters "
+                                       "have cards (the router chooses among them)")
+                from edgelora_np.router import Router
+
+                self._router = Router.from_store(self.store, self.model)
+            return self._router
+
+    def _route_text(self, prompt, ids: np.ndarray) -> str:
+        """What the router reads: the text, the last user message, or the ids' text."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+            users = [m.get("content") or "" for m in prompt if m.get("role") == "user"]
+            return users[-1] if users else ""
+        return self.model.detokenize(ids)
 
     @property
     def pending(self) -> int:

@@ -51,6 +51,7 @@ class Generation:
     text: str = ""
     finish_reason: str | None = None   # "stop", "length", "context", "cancelled" or "error"
     stopping_word: str = ""            # the stop string that ended it ("stop" without one: EOS)
+    route: object | None = None        # with adapter="auto": the router's Route (router/router.py)
     error: BaseException | None = None
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None      # left the queue for the batch

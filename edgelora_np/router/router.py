@@ -33,7 +33,7 @@ thread while another thread runs forward passes.
 from __future__ import annotations
 
 import time
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -183,9 +183,11 @@ class Router:
 
     # --- one prompt ----------------------------------------------------------------------------
 
-    def route(self, prompt: str, resident: Set[str] = frozenset()) -> Route:
+    def route(self, prompt: str, resident: Set[str] = frozenset(),
+              allowed: Callable[[str], bool] | None = None) -> Route:
         """Choose an adapter for `prompt` (None: the base model); prefer `resident` ones within
-        the settings' top_k and delta. Never raises on the prompt's content (see module doc)."""
+        the settings' top_k and delta; consider only adapters `allowed` accepts (a tenant's).
+        Never raises on the prompt's content (see module doc)."""
         start = time.perf_counter()
         if not isinstance(prompt, str):
             raise EdgeLoraError(f"the router takes a prompt string, got {type(prompt).__name__}")
@@ -201,7 +203,7 @@ class Router:
         n_read = min(len(tokens), self.settings.max_tokens)
         x = embed_tokens(self.model.llama, [np.asarray(tokens[:n_read])], self.settings.n_layers)
         e, k, e0 = self.scores(x, [head], state)
-        route = self.decide(e[0], k[0], float(e0[0]), resident, state)
+        route = self.decide(e[0], k[0], float(e0[0]), resident, state, allowed)
         truncated = len(tokens) > n_read or len(head) < len(prompt)
         return replace(route, tokens=n_read, truncated=truncated,
                        seconds=time.perf_counter() - start)
@@ -217,14 +219,16 @@ class Router:
         return e, k, e0
 
     def decide(self, e: np.ndarray, k: np.ndarray, e0: float, resident: Set[str] = frozenset(),
-               state: _State | None = None) -> Route:
+               state: _State | None = None,
+               allowed: Callable[[str], bool] | None = None) -> Route:
         """One prompt's scores (e, k [N], e0) -> the Route (calibrate.py, choice.py)."""
         state = state or self._state
         s = self.settings
         z = s.w_embed * e + s.w_keyword * k                              # [N]
         z0 = s.w_embed * e0 + s.bias_base
         skipped: list[str] = []
-        alive = np.ones(len(z), bool)
+        alive = np.ones(len(z), bool) if allowed is None else \
+            np.fromiter((allowed(n) for n in state.names), bool, len(state.names))
         while True:                          # normally once; again if the store lost some
             pool = np.flatnonzero(alive)                                 # [<= N]
             if len(pool) == 0:

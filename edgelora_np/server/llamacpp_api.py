@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -74,7 +74,8 @@ def _stop_type(gen) -> str:
 
 
 @router.post("/completion", response_model=LlamaCompletionResponse, responses=SSE)
-async def completion(body: LlamaCompletionRequest, request: Request, tenant: Serving):
+async def completion(body: LlamaCompletionRequest, request: Request, response: Response,
+                     tenant: Serving):
     """Complete a prompt (text or token ids), llama-server style."""
     service = request.app.state.service
     adapter, scale = _adapter_of(service, tenant, body)
@@ -90,11 +91,12 @@ async def completion(body: LlamaCompletionRequest, request: Request, tenant: Ser
         sampling["seed"] = body.seed
     flight = await service.submit(tenant, body.prompt, adapter=adapter, scale=scale, **sampling)
     gen = flight.gen
+    response.headers.update(flight.headers)
     prompt_text = body.prompt if isinstance(body.prompt, str) else ""
 
     def final() -> dict:
         return {"index": 0, "content": "", "tokens": [], "id_slot": -1, "stop": True,
-                "model": adapter or service.model_id, "tokens_predicted": len(gen.token_ids),
+                "model": flight.model(adapter), "tokens_predicted": len(gen.token_ids),
                 "tokens_evaluated": gen.prompt_tokens,
                 "generation_settings": {**sampling, "n_predict": body.n_predict,
                                         "lora": [{"id": c.id, "scale": c.scale}
@@ -121,7 +123,8 @@ async def completion(body: LlamaCompletionRequest, request: Request, tenant: Ser
             return
         yield {"data": json.dumps(final())}
 
-    return EventSourceResponse(events(), sep="\n", background=BackgroundTask(flight.close))
+    return EventSourceResponse(events(), sep="\n", headers=flight.headers,
+                               background=BackgroundTask(flight.close))
 
 
 @router.get("/lora-adapters", response_model=list[LoraAdapterInfo])

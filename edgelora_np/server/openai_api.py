@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -78,7 +78,7 @@ def sse_event(payload) -> dict:
 # --- /v1/completions ----------------------------------------------------------------------------
 
 @router.post("/completions", response_model=CompletionResponse, responses=SSE)
-async def completions(body: CompletionRequest, request: Request,
+async def completions(body: CompletionRequest, request: Request, response: Response,
                       tenant: Serving):
     """Complete a prompt (text or token ids; one prompt per request)."""
     service = request.app.state.service
@@ -91,10 +91,10 @@ async def completions(body: CompletionRequest, request: Request,
             raise ApiError(400, f"one prompt per request ({len(prompt)} given)", param="prompt")
         prompt = prompt[0]
     adapter = service.resolve_model(tenant, body.model)
-    model = body.model or service.model_id
     flight = await service.submit(tenant, prompt, adapter=adapter,
                                **sampling_of(body, _or(body.max_tokens, service.model.n_ctx)))
-    gen = flight.gen
+    gen, model = flight.gen, flight.model(body.model)
+    response.headers.update(flight.headers)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         await service.finish(request, flight)
@@ -121,7 +121,8 @@ async def completions(body: CompletionRequest, request: Request,
                              "model": model, "choices": [], "usage": usage(gen)})
         yield sse_event("[DONE]")
 
-    return EventSourceResponse(events(), sep="\n", background=BackgroundTask(flight.close))
+    return EventSourceResponse(events(), sep="\n", headers=flight.headers,
+                               background=BackgroundTask(flight.close))
 
 
 # --- /v1/chat/completions -----------------------------------------------------------------------
@@ -143,7 +144,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
-async def chat_completions(body: ChatCompletionRequest, request: Request,
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
                            tenant: Serving):
     """Answer a conversation, rendered with the model's chat template."""
     service = request.app.state.service
@@ -152,11 +153,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                 response_format=(body.response_format, body.response_format in (
                     None, {"type": "text"})))
     adapter = service.resolve_model(tenant, body.model)
-    model = body.model or service.model_id
     max_tokens = _or(body.max_completion_tokens, _or(body.max_tokens, service.model.n_ctx))
     flight = await service.submit(tenant, _messages(body), adapter=adapter, chat=True,
                                **sampling_of(body, max_tokens))
-    gen = flight.gen
+    gen, model = flight.gen, flight.model(body.model)
+    response.headers.update(flight.headers)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         await service.finish(request, flight)
@@ -185,7 +186,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                              "model": model, "choices": [], "usage": usage(gen)})
         yield sse_event("[DONE]")
 
-    return EventSourceResponse(events(), sep="\n", background=BackgroundTask(flight.close))
+    return EventSourceResponse(events(), sep="\n", headers=flight.headers,
+                               background=BackgroundTask(flight.close))
 
 
 # --- /v1/models -----------------------------------------------------------------------------------
@@ -258,7 +260,7 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request,
     service = request.app.state.service
     if not tenant.can_load:
         raise ApiError(403, f"tenant {tenant.name!r} may not unload adapters")
-    name = service.resolve_model(tenant, body.lora_name, param="lora_name")
+    name = service.resolve_model(tenant, body.lora_name, param="lora_name", auto=False)
     if name is None:
         raise ApiError(400, "the base model cannot be unloaded", param="lora_name")
     try:

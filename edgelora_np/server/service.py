@@ -19,6 +19,7 @@ from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from edgelora_np.adapters.store import AUTO
 from edgelora_np.engine.generation import Generation
 from edgelora_np.errors import (
     AdapterError,
@@ -176,6 +177,8 @@ class Service:
             else:
                 log.warning("store adapter %r was imported for another base model; not served",
                             row.name)
+        log.info("router: %d adapter(s) with cards to choose from for model 'auto'",
+                 len(engine.router.adapters))                       # embeds new cards, once
         engine.start()
         engine.submit([0], max_tokens=1, temperature=0.0).run()      # kernels loaded, warm
         self.model, self.store, self.engine = model, store, engine
@@ -211,9 +214,15 @@ class Service:
             return self.open_tenant
         return self.tenants.authenticate(key)
 
-    def resolve_model(self, tenant: Tenant, model: str | None, *, param: str = "model") -> str | None:
-        """The adapter a request names (None: the base model), or a 404 that does not tell
-        another tenant's adapter from one that does not exist."""
+    def resolve_model(self, tenant: Tenant, model: str | None, *, param: str = "model",
+                      auto: bool = True) -> str | None:
+        """The adapter a request names (None: the base model; "auto": the router chooses), or
+        a 404 that does not tell another tenant's adapter from one that does not exist."""
+        if model == AUTO and auto:
+            if not tenant.base_model:
+                raise ApiError(400, f"`{AUTO}` may choose the base model, which tenant "
+                               f"{tenant.name!r} may not use", param=param)
+            return AUTO
         if model is None or model == self.model_id:
             if not tenant.base_model:
                 raise ApiError(404, f"The model `{self.model_id}` does not exist or you do not "
@@ -238,9 +247,13 @@ class Service:
             raise ApiError(429, f"tenant {tenant.name!r} already has {limit} requests in flight "
                            "(its max_concurrent)", code="tenant_limit",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        def allowed(name: str) -> bool:           # for "auto": the tenant's served adapters
+            return name in self.catalog.sources and tenant.sees(name)
+
         try:
             gen = await run_in_threadpool(self.engine.submit, prompt, adapter=adapter,
-                                          adapter_scale=scale, chat=chat, **sampling)
+                                          adapter_scale=scale, chat=chat, allowed=allowed,
+                                          **sampling)
         except EdgeLoraError as e:
             raise api_error_of(e) from None
         self._inflight[tenant.name] = self._inflight.get(tenant.name, 0) + 1
@@ -285,6 +298,22 @@ class Flight:
         self.service._inflight[self.tenant.name] -= 1
         if self.gen.finish_reason in ("stop", "length", "context"):
             self.service.metrics.observe_generation(self.gen)
+
+    def model(self, requested: str | None) -> str:
+        """What the response names: the adapter that served it (the router's choice for
+        "auto"), or the base model's id."""
+        if requested == AUTO or requested is None:
+            return self.gen.adapter or self.service.model_id
+        return requested
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """X-Edgelora-Route for a routed request: the choice, its probability and the reason."""
+        route = self.gen.route
+        if route is None:
+            return {}
+        return {"X-Edgelora-Route": f"{route.adapter or self.service.model_id}; "
+                                    f"probability={route.probability:.3f}; reason={route.reason}"}
 
     async def deltas(self):
         """The request's Deltas (for a streaming response, which closes the flight after)."""
