@@ -75,6 +75,38 @@ def sse_event(payload) -> dict:
     return {"data": payload if isinstance(payload, str) else json.dumps(payload)}
 
 
+def openai_stream(flight, body, rid: str, created: int, model: str, obj: str, choice_of,
+                  first: dict | None = None) -> EventSourceResponse:
+    """An OpenAI stream as server-sent events: `first` (if any), a chunk per Delta with
+    `choice_of(text)`, the chunk with `finish_reason` (`choice_of(None)`), the usage chunk
+    (stream_options.include_usage), then [DONE]. The Flight closes after the response."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    gen = flight.gen
+
+    def chunk(choice: dict | None, finish: str | None = None) -> dict:
+        choices = [] if choice is None else \
+            [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}]
+        c = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        return {**c, "usage": None} if include_usage else c
+
+    async def events():
+        if first is not None:
+            yield sse_event(chunk(first))
+        try:
+            async for delta in flight.deltas():
+                yield sse_event(chunk(choice_of(delta.text)))
+        except EdgeLoraError as e:
+            yield sse_event(failure_of(e).body())
+            return
+        yield sse_event(chunk(choice_of(None), FINISH[gen.finish_reason]))
+        if include_usage:
+            yield sse_event({**chunk(None), "usage": usage(gen)})
+        yield sse_event("[DONE]")
+
+    return EventSourceResponse(events(), sep="\n", headers=flight.headers,
+                               background=BackgroundTask(flight.close))
+
+
 # --- /v1/completions ----------------------------------------------------------------------------
 
 @router.post("/completions", response_model=CompletionResponse, responses=SSE)
@@ -101,28 +133,8 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         return CompletionResponse(id=rid, created=created, model=model, usage=usage(gen),
                                   choices=[{"text": gen.text,
                                             "finish_reason": FINISH[gen.finish_reason]}])
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(text: str, finish: str | None) -> dict:
-        c = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        return {**c, "usage": None} if include_usage else c
-
-    async def events():
-        try:
-            async for delta in flight.deltas():
-                yield sse_event(chunk(delta.text, None))
-        except EdgeLoraError as e:
-            yield sse_event(failure_of(e).body())
-            return
-        yield sse_event(chunk("", FINISH[gen.finish_reason]))
-        if include_usage:
-            yield sse_event({"id": rid, "object": "text_completion", "created": created,
-                             "model": model, "choices": [], "usage": usage(gen)})
-        yield sse_event("[DONE]")
-
-    return EventSourceResponse(events(), sep="\n", headers=flight.headers,
-                               background=BackgroundTask(flight.close))
+    return openai_stream(flight, body, rid, created, model, "text_completion",
+                         lambda text: {"text": text or ""})
 
 
 # --- /v1/chat/completions -----------------------------------------------------------------------
@@ -165,29 +177,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
             id=rid, created=created, model=model, usage=usage(gen),
             choices=[{"message": {"content": gen.text},
                       "finish_reason": FINISH[gen.finish_reason]}])
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(delta: dict, finish: str | None) -> dict:
-        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        return {**c, "usage": None} if include_usage else c
-
-    async def events():
-        yield sse_event(chunk({"role": "assistant", "content": ""}, None))
-        try:
-            async for delta in flight.deltas():
-                yield sse_event(chunk({"content": delta.text}, None))
-        except EdgeLoraError as e:
-            yield sse_event(failure_of(e).body())
-            return
-        yield sse_event(chunk({}, FINISH[gen.finish_reason]))
-        if include_usage:
-            yield sse_event({"id": rid, "object": "chat.completion.chunk", "created": created,
-                             "model": model, "choices": [], "usage": usage(gen)})
-        yield sse_event("[DONE]")
-
-    return EventSourceResponse(events(), sep="\n", headers=flight.headers,
-                               background=BackgroundTask(flight.close))
+    return openai_stream(flight, body, rid, created, model, "chat.completion.chunk",
+                         lambda text: {"delta": {} if text is None else {"content": text}},
+                         first={"delta": {"role": "assistant", "content": ""}})
 
 
 # --- /v1/models -----------------------------------------------------------------------------------

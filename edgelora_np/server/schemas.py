@@ -37,13 +37,17 @@ class _Sampling(_Request):
 
 # --- OpenAI ---------------------------------------------------------------------------------
 
-class CompletionRequest(_Sampling):
-    model: str | None = Field(None, description="an adapter's name, or the base model's id")
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, description="tokens to generate at most")
+class _OpenAIRequest(_Sampling):
+    model: str | None = Field(None, description="an adapter's name, the base model's id, or "
+                                                "\"auto\" (the router chooses)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, description="tokens to generate at most")
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = None
@@ -60,14 +64,10 @@ class ChatMessage(_Request):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(_Sampling):
-    model: str | None = Field(None, description="an adapter's name, or the base model's id")
+class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, description="[default: what the context leaves]")
     max_completion_tokens: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None

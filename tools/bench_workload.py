@@ -1,0 +1,335 @@
+"""The paper's experiment: `edgelora serve` against the real llama-server, under one workload.
+
+    tox -e bench -- (all benchmarks)    or: python tools/bench_workload.py [--threads 2] [--full]
+
+Both servers run on this machine with the same GGUF, threads, slots and context per slot, and
+the same n random rank-8 adapters (GGUF-LoRA files, seeded; tools/make_test_adapters.py): all n
+passed to llama-server as `--lora` at start (`--lora-init-without-apply`), imported into an
+adapter store for `edgelora serve`. Requests come from `edgelora bench` (edgelora_np/loadgen/):
+open loop, Gamma arrivals (cv 1), Zipf adapter popularity, token-id prompts of U{Il..Iu} tokens,
+U{Ol..Ou} output tokens with EOS ignored, greedy, no prompt cache on either side. Each request
+names its adapter (llama-server: `lora: [{id, scale: 1}]`; ours: `adapter: NAME`).
+
+Runs (the default grid fits in about half an hour; --full is the issue's whole grid):
+- rate sweep at n = 32, alpha = 1, 16 slots: throughput vs offered rate, TTFT SLO attainment;
+- saturation (the top rate) at n = 8 and 128, and at alpha = 0.5 and 2;
+- memory with 1024 adapters (rank 8 on q and v): our server's peak RSS serving them through its
+  pool, and what llama-server does with 1024 `--lora` (start time, RSS, or failure);
+- the router: a share of the requests say model "auto" (ours only; llama-server has none).
+
+"Sustainable" is the largest offered rate the server keeps up with (every request done within
+the run's duration + 30 s); its throughput is the figure compared. Results: artifacts/bench_workload/
+(JSON of every run), plots in docs/ (PNG), the table on stdout for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchutil import warm_edgelora  # noqa: E402
+from make_test_adapters import ALL_SEVEN, AdapterSpec, L, make_factors, write_gguf_lora  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "artifacts" / "bench_workload"
+RANK = 8
+SLOTS = 16
+CTX_PER_SLOT = 512
+PROMPT_TOKENS = (16, 128)
+OUTPUT_TOKENS = (16, 64)
+DURATION = 60.0
+RATES = (0.25, 0.5, 1.0, 2.0, 3.0)
+EXTRA = {"temperature": 0, "cache_prompt": False}
+POOL_MB = 256
+KEEP_UP_S = 30.0       # a run keeps up if every request is done within its duration + this
+QV = ("attn_q", "attn_v")
+
+
+# --- adapters and servers ---------------------------------------------------------------------
+
+def write_adapters(folder: Path, n: int, projections=ALL_SEVEN, seed0: int = 1000) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"tenant{i}.gguf"
+        if not path.exists():
+            spec = AdapterSpec(rank=RANK, alpha=2.0 * RANK, layers=tuple(range(L)),
+                               projections=projections, strength=0.05, seed=seed0 + i)
+            write_gguf_lora(path, make_factors(spec), spec.alpha)
+        paths.append(path)
+    return paths
+
+
+def import_store(store_dir: Path, model: str, paths: list[Path]) -> None:
+    from edgelora_np.adapters.store import AdapterStore, model_fingerprint
+    from edgelora_np.gguf.reader import open_gguf
+    from edgelora_np.model.config import config_from_gguf
+
+    cfg, fp = config_from_gguf(open_gguf(model)), model_fingerprint(model)
+    store = AdapterStore(store_dir, create=True)
+    for p in paths:
+        store.import_adapter(p, cfg, fp)
+    store.close()
+
+
+class Server:
+    """A server process on a loopback port, up once /health answers 200."""
+
+    def __init__(self, kind: str, cmd: list[str], port: int, log: Path):
+        import httpx
+
+        self.kind, self.url = kind, f"http://127.0.0.1:{port}"
+        self.log = open(log, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).parent)
+        self.failure = None
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.failure = f"exited with {self.proc.returncode}"
+                break
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        else:
+            self.failure = "not healthy after 30 min"
+        self.start_seconds = time.perf_counter() - t0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) in MB."""
+        vals = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    vals[line.split(":")[0]] = int(line.split()[1]) * 1024 / 1e6
+        return vals["VmRSS"], vals["VmHWM"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def llama_server(binary: str, model: str, threads: int, slots: int, loras: list[Path],
+                 port: int, log: Path) -> Server:
+    cmd = [binary, "-m", model, "-t", str(threads), "-np", str(slots),
+           "-c", str(slots * CTX_PER_SLOT), "--port", str(port), "--no-webui",
+           "--cache-ram", "0", "--lora-init-without-apply"]
+    cmd += ["--lora", ",".join(str(p) for p in loras)]
+    return Server("llama-server", cmd, port, log)
+
+
+def edgelora_server(model: str, store: Path, threads: int, slots: int, port: int,
+                    log: Path) -> Server:
+    cmd = [sys.executable, "-m", "edgelora_np.cli", "serve", "--model", model, "--store",
+           str(store), "--port", str(port), "--threads", str(threads), "--max-seqs", str(slots),
+           "--ctx", str(CTX_PER_SLOT), "--adapter-pool-mb", str(POOL_MB), "--max-queue", "100000"]
+    return Server("edgelora", cmd, port, log)
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+def run(server: Server, *, rate: float, n: int, alpha: float, duration: float = DURATION,
+        auto: float = 0.0, seed: int = 0) -> dict:
+    from edgelora_np.loadgen import WorkloadSpec, run_bench
+
+    spec = WorkloadSpec(rate=rate, duration=duration, alpha=alpha, cv=1.0,
+                        prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS,
+                        auto_fraction=auto, seed=seed)
+    api = "llamacpp" if server.kind == "llama-server" else "edgelora"
+    result = run_bench(server.url, spec, api=api, adapters=[f"tenant{i}" for i in range(n)],
+                       server_pid=server.pid, extra=EXTRA, timeout=1200)
+    s = result.summary
+    doc = {"server": server.kind, "rate": rate, "n": n, "alpha": alpha, "auto": auto,
+           "duration": duration, "summary": s, "process": result.server}
+    achieved = s["throughput"]["requests_per_s"] or 0.0
+    doc["keeps_up"] = s["succeeded"] == s["requests"] and s["makespan_s"] <= duration + KEEP_UP_S
+    tok = s["throughput"]["output_tokens_per_s"] or 0.0
+    print(f"  {server.kind:<12} n={n:<4} alpha={alpha:<4} rate={rate:<5} auto={auto:<4} "
+          f"{tok:7.1f} tok/s  {achieved:5.2f} req/s  TTFT p50 {fmt(s['ttft_s'], 'p50')} "
+          f"p99 {fmt(s['ttft_s'], 'p99')}  TTFT<=1s {slo(s, 1.0):.0%}  <=6s {slo(s, 6.0):.0%}"
+          f"  errors {s['errors']}", flush=True)
+    return doc
+
+
+def slo(summary: dict, bound: float) -> float:
+    """Share of all requests whose first token came within `bound` seconds."""
+    return next((x["attained"] or 0.0) for x in summary["slo_ttft"] if x["bound_s"] == bound)
+
+
+def fmt(stats: dict | None, key: str) -> str:
+    return "-" if not stats or stats.get(key) is None else f"{stats[key]:.2f}s"
+
+
+def sustainable(docs: list[dict]) -> dict | None:
+    kept = [d for d in docs if d["keeps_up"]]
+    return max(kept, key=lambda d: d["rate"]) if kept else None
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--full", action="store_true", help="the issue's whole grid (hours)")
+    ap.add_argument("--duration", type=float, default=DURATION)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+
+    from edgelora_np.default_model import resolve_model_path
+
+    model = str(resolve_model_path(args.model))
+    warm_edgelora(model)
+    binary = subprocess.run([str(Path(__file__).parent / "build_llama_server.sh")], check=True,
+                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    OUT.mkdir(parents=True, exist_ok=True)
+    docs: list[dict] = []
+    ns = (8, 32, 128, 1024) if args.full else (8, 32, 128)
+    alphas = (0.5, 1.0, 2.0)
+    slot_counts = (16, 32) if args.full else (SLOTS,)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        loras = write_adapters(tmp / "loras", max(ns))
+        import_store(tmp / "store", model, loras)
+        for slots in slot_counts:
+            for n in ns:
+                ours = edgelora_server(model, tmp / "store", args.threads, slots, 8801,
+                                       OUT / f"edgelora_{slots}_{n}.log")
+                theirs = llama_server(binary, model, args.threads, slots, loras[:n], 8802,
+                                      OUT / f"llama_{slots}_{n}.log")
+                for server in (ours, theirs):
+                    if server.failure:
+                        sys.exit(f"{server.kind} failed to start: {server.failure} "
+                                 f"(log in {server.log.name})")
+                try:
+                    sweep = RATES if n == 32 or args.full else RATES[-1:]
+                    for alpha in (alphas if args.full or n == 32 else (1.0,)):
+                        if alpha != 1.0 and not args.full:
+                            sweep = RATES[-1:]
+                        for rate in sweep:
+                            for server in (theirs, ours):        # alternating, same seed
+                                doc = run(server, rate=rate, n=n, alpha=alpha,
+                                          duration=args.duration)
+                                doc["slots"] = slots
+                                docs.append(doc)
+                        sweep = RATES if n == 32 or args.full else RATES[-1:]
+                    if n == 32 and slots == SLOTS:
+                        for rate in (1.0, RATES[-1]):
+                            doc = run(ours, rate=rate, n=n, alpha=1.0, auto=0.5,
+                                      duration=args.duration)
+                            doc["slots"] = slots
+                            docs.append(doc)
+                finally:
+                    ours.stop()
+                    theirs.stop()
+        memory = None if args.skip_memory else memory_row(model, binary, args.threads, tmp)
+    (OUT / "results.json").write_text(json.dumps({"runs": docs, "memory": memory}, indent=1))
+    report(docs, memory)
+    plots(docs)
+
+
+def memory_row(model: str, binary: str, threads: int, tmp: Path) -> dict:
+    """1024 rank-8 q,v adapters: our server through its pool vs llama-server with 1024 --lora."""
+    n = 1024
+    loras = write_adapters(tmp / "qv", n, projections=QV, seed0=5000)
+    import_store(tmp / "qv_store", model, loras)
+    row = {"n": n}
+    base = edgelora_server(model, tmp / "empty_store", threads, SLOTS, 8803,
+                           OUT / "edgelora_base.log")
+    row["edgelora_base_rss_mb"] = base.rss_mb()[0]
+    base.stop()
+    ours = edgelora_server(model, tmp / "qv_store", threads, SLOTS, 8804,
+                           OUT / "edgelora_1024.log")
+    try:
+        doc = run(ours, rate=2.0, n=n, alpha=0.5, duration=60)
+        row["edgelora"] = {"start_s": ours.start_seconds, "peak_rss_mb": ours.rss_mb()[1],
+                           "summary": doc["summary"]}
+    finally:
+        ours.stop()
+    theirs = llama_server(binary, model, threads, SLOTS, loras, 8805, OUT / "llama_1024.log")
+    row["llama-server"] = {"start_s": theirs.start_seconds, "failure": theirs.failure}
+    if theirs.failure is None:
+        try:
+            row["llama-server"]["idle_rss_mb"] = theirs.rss_mb()[0]
+            doc = run(theirs, rate=0.25, n=n, alpha=0.5, duration=60)
+            row["llama-server"]["peak_rss_mb"] = theirs.rss_mb()[1]
+            row["llama-server"]["summary"] = doc["summary"]
+        finally:
+            theirs.stop()
+    row["pool_mb"] = POOL_MB
+    return row
+
+
+def report(docs: list[dict], memory: dict | None) -> None:
+    print("\n| n | alpha | slots | server | sustainable rate (req/s) | its output tok/s | "
+          "peak output tok/s | TTFT p99 at that rate | TTFT <= 1 s |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    keys = sorted({(d["n"], d["alpha"], d["slots"]) for d in docs if not d["auto"]})
+    for n, alpha, slots in keys:
+        for kind in ("llama-server", "edgelora"):
+            group = [d for d in docs if (d["n"], d["alpha"], d["slots"], d["server"]) ==
+                     (n, alpha, slots, kind) and not d["auto"]]
+            if not group:
+                continue
+            best = sustainable(group)
+            peak = max((d["summary"]["throughput"]["output_tokens_per_s"] or 0) for d in group)
+            if best is None:
+                print(f"| {n} | {alpha} | {slots} | {kind} | none of {[d['rate'] for d in group]}"
+                      f" | - | {peak:.1f} | - | - |")
+                continue
+            s = best["summary"]
+            print(f"| {n} | {alpha} | {slots} | {kind} | {best['rate']} | "
+                  f"{s['throughput']['output_tokens_per_s']:.1f} | {peak:.1f} | "
+                  f"{fmt(s['ttft_s'], 'p99')} | {slo(s, 1.0):.0%} |")
+    if memory:
+        print(f"\nmemory, {memory['n']} adapters: {json.dumps(memory, default=str)[:2000]}")
+
+
+def plots(docs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [d for d in docs if d["n"] == 32 and d["alpha"] == 1.0 and not d["auto"]
+             and d["slots"] == SLOTS]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style in (("llama-server", "o--"), ("edgelora", "s-")):
+        pts = sorted((d["rate"], d) for d in sweep if d["server"] == kind)
+        if not pts:
+            continue
+        rates = [r for r, _ in pts]
+        a.plot(rates, [d["summary"]["throughput"]["output_tokens_per_s"] or 0 for _, d in pts],
+               style, label=kind)
+        b.plot(rates, [100 * slo(d["summary"], 1.0) for _, d in pts], style, label=kind)
+    a.set(xlabel="offered rate (req/s)", ylabel="output tok/s", title="throughput, n=32, alpha=1")
+    b.set(xlabel="offered rate (req/s)", ylabel="% requests with TTFT <= 1 s",
+          title="SLO attainment")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "bench_workload.png", dpi=100)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
