@@ -9,9 +9,10 @@ SmolLM2-135M (tools/make_test_adapters.py writes them), F16, written to a tempor
    same 8 sequences with no adapter.
 2. 16 concurrent requests with 16 distinct adapters, aggregate decode tok/s:
    - edgelora_np: one forward per step for all 16 (base matmul shared, per-token LoRA);
-   - llama.cpp the way llama-server serves it: one adapter set per llama_decode, so the 16
-     sequences are decoded one adapter at a time (time-sliced), driven through
-     llama-cpp-python's low-level API in one context with 16 sequences;
+   - an EMULATION of llama-server's scheduling, not llama-server itself: llama.cpp driven
+     through llama-cpp-python's low-level API in one context with 16 sequences, one adapter set
+     per llama_decode, so the 16 sequences are decoded one adapter at a time (time-sliced).
+     The real llama-server over HTTP is measured by tools/bench_workload.py;
    - llama.cpp with all 16 sharing one adapter in one llama_decode (what it can batch).
 Each engine runs in its own subprocess; same GGUF, same threads. Median of REPEATS.
 """
@@ -200,7 +201,7 @@ def main() -> None:
     tax = 1 - ours["8_distinct"] / ours["8_base"]
     print(f"model {Path(args.model).name}, {args.threads} threads, rank-{RANK} adapters on all "
           f"seven projections, {DECODE_STEPS} decode steps, median of {REPEATS}\n")
-    print("| aggregate decode tok/s | edgelora_np | llama.cpp | ratio |")
+    print("| aggregate decode tok/s | edgelora_np | llama.cpp (time-slicing emulated) | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for key, label in (("8_base", "8 sequences, no adapter"),
                        ("8_distinct", "8 sequences, 8 distinct adapters"),

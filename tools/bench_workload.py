@@ -10,9 +10,11 @@ open loop, Gamma arrivals (cv 1), Zipf adapter popularity, token-id prompts of U
 U{Ol..Ou} output tokens with EOS ignored, greedy, no prompt cache on either side. Each request
 names its adapter (llama-server: `lora: [{id, scale: 1}]`; ours: `adapter: NAME`).
 
-Runs (the default grid fits in about half an hour; --full is the issue's whole grid):
-- rate sweep at n = 32, alpha = 1, 16 slots: throughput vs offered rate, TTFT SLO attainment;
-- saturation (the top rate) at n = 8 and 128, and at alpha = 0.5 and 2;
+Runs (the default grid takes about 40 minutes; --full is the issue's whole grid, hours):
+- rate sweep at n = 32, alpha = 1, 16 slots: throughput vs offered rate, TTFT SLO attainment
+  (rates 0.25-1.5 req/s: on a 2-core x86 VM both servers saturate below 1 req/s with this
+  request mix; --rates changes them);
+- saturation (the top rate, SATURATION_S of arrivals) at n = 8 and 128, and at alpha = 0.5 and 2;
 - memory with 1024 adapters (rank 8 on q and v): our server's peak RSS serving them through its
   pool, and what llama-server does with 1024 `--lora` (start time, RSS, or failure);
 - the router: a share of the requests say model "auto" (ours only; llama-server has none).
@@ -45,7 +47,8 @@ CTX_PER_SLOT = 512
 PROMPT_TOKENS = (16, 128)
 OUTPUT_TOKENS = (16, 64)
 DURATION = 60.0
-RATES = (0.25, 0.5, 1.0, 2.0, 3.0)
+SATURATION_S = 40.0    # arrivals of a saturation run: enough requests to measure a peak
+RATES = (0.25, 0.5, 0.75, 1.0, 1.5)
 EXTRA = {"temperature": 0, "cache_prompt": False}
 POOL_MB = 256
 KEEP_UP_S = 30.0       # a run keeps up if every request is done within its duration + this
@@ -192,6 +195,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--full", action="store_true", help="the issue's whole grid (hours)")
     ap.add_argument("--duration", type=float, default=DURATION)
+    ap.add_argument("--rates", type=lambda s: tuple(float(r) for r in s.split(",")),
+                    default=RATES, help="comma-separated offered rates of the sweep (req/s)")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
 
@@ -221,19 +226,18 @@ def main() -> None:
                         sys.exit(f"{server.kind} failed to start: {server.failure} "
                                  f"(log in {server.log.name})")
                 try:
-                    sweep = RATES if n == 32 or args.full else RATES[-1:]
+                    top = args.rates[-1]
                     for alpha in (alphas if args.full or n == 32 else (1.0,)):
-                        if alpha != 1.0 and not args.full:
-                            sweep = RATES[-1:]
-                        for rate in sweep:
+                        full_sweep = args.full or (n == 32 and alpha == 1.0)
+                        for rate in (args.rates if full_sweep else (top,)):
+                            duration = args.duration if full_sweep else SATURATION_S
                             for server in (theirs, ours):        # alternating, same seed
                                 doc = run(server, rate=rate, n=n, alpha=alpha,
-                                          duration=args.duration)
+                                          duration=duration)
                                 doc["slots"] = slots
                                 docs.append(doc)
-                        sweep = RATES if n == 32 or args.full else RATES[-1:]
                     if n == 32 and slots == SLOTS:
-                        for rate in (1.0, RATES[-1]):
+                        for rate in (args.rates[1], top):
                             doc = run(ours, rate=rate, n=n, alpha=1.0, auto=0.5,
                                       duration=args.duration)
                             doc["slots"] = slots
@@ -241,6 +245,7 @@ def main() -> None:
                 finally:
                     ours.stop()
                     theirs.stop()
+                (OUT / "results.json").write_text(json.dumps({"runs": docs}, indent=1))
         memory = None if args.skip_memory else memory_row(model, binary, args.threads, tmp)
     (OUT / "results.json").write_text(json.dumps({"runs": docs, "memory": memory}, indent=1))
     report(docs, memory)
@@ -260,7 +265,7 @@ def memory_row(model: str, binary: str, threads: int, tmp: Path) -> dict:
     ours = edgelora_server(model, tmp / "qv_store", threads, SLOTS, 8804,
                            OUT / "edgelora_1024.log")
     try:
-        doc = run(ours, rate=2.0, n=n, alpha=0.5, duration=60)
+        doc = run(ours, rate=1.0, n=n, alpha=0.5, duration=SATURATION_S)
         row["edgelora"] = {"start_s": ours.start_seconds, "peak_rss_mb": ours.rss_mb()[1],
                            "summary": doc["summary"]}
     finally:
