@@ -141,6 +141,25 @@ def test_matmul_is_batch_invariant(qtype):
     assert np.array_equal(pack.matmul(w, x[17:40]), full[17:40])
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
+    """Every code 15 against activations quantized to +-127: the largest integer block sums
+    (32 * 15 * 127 = 60960, beyond int16), which the kernel sums partly in int16."""
+    n_rows, cols = 20, 256
+    block = np.zeros(gguf.GGML_QUANT_SIZES[qtype][1], np.uint8)
+    block[:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)      # d = 1 (Q4_1: m = 0)
+    block[-16:] = 0xFF                                                    # codes 15, 15
+    raw = np.tile(block, (n_rows, cols // 32))
+    w = pack.pack_gguf(raw, qtype, n_rows, cols, 2)
+    x = np.full((batch, cols), sign, np.float32)
+    ours = pack.matmul(w, x)
+    expected = sign * cols * (15 if qtype == QT.Q4_1 else 7)            # Q4_0: w = q - 8
+    assert np.allclose(ours, pack.matmul_ref(w, x), rtol=1e-6, atol=0)
+    assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
+
+
 # --- packed_rows, pack_stacked -----------------------------------------------------------------
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
