@@ -153,8 +153,8 @@ TEMPLATE = """\
 # Run: haproxy -f THIS_FILE   (check it: haproxy -c -f THIS_FILE)
 global
     maxconn {{ o.maxconn }}
-    # A request is routed by its JSON body and replayed on another board only if it fits in
-    # one buffer: {{ o.max_body_kb }} KiB (a longer body is balanced as if it named no adapter).
+    # A request is surely routed by its JSON body, and replayed on another board, only if it
+    # fits in one buffer: {{ o.max_body_kb }} KiB.
     tune.bufsize {{ bufsize }}
     log stdout format raw local0 info
 

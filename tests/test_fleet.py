@@ -246,13 +246,43 @@ def test_the_mapping_is_the_same_from_another_balancer_and_board_order(fleet):
     assert mapping(other) == mapping(url)
 
 
-def hold(url: str, body: dict, release: threading.Event, admitted: threading.Semaphore) -> int:
-    """Stream one long request and keep it open until `release`; returns its status."""
+def hold(url: str, body: dict, release: threading.Event, admitted: threading.Semaphore) -> tuple:
+    """Stream one long request and keep it open until `release`; returns (status, board)."""
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
                       timeout=DEADLINE) as r:
         admitted.release()
         release.wait(DEADLINE)
-        return r.status_code
+        return r.status_code, board_of(r)
+
+
+class Filler:
+    """Fills boards with long streamed requests, one at a time (a board admits asynchronously:
+    requests arriving together could all count as waiting and overflow early), and holds them
+    until closed."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool, self.held = pool, []
+        self.release, self.admitted = threading.Event(), threading.Semaphore(0)
+
+    def fill(self, url: str, model: str, board_url: str) -> None:
+        body = {"model": model, "prompt": "Tell a story", "max_tokens": LONG, "temperature": 0,
+                "ignore_eos": True}
+        for i in range(1, MAX_SEQS + MAX_QUEUE + 1):
+            self.held.append(self.pool.submit(hold, url, body, self.release, self.admitted))
+            assert self.admitted.acquire(timeout=DEADLINE)
+            want = (min(i, MAX_SEQS), max(0, i - MAX_SEQS))      # (running, waiting)
+            deadline = time.monotonic() + DEADLINE
+            while True:
+                m = metrics(board_url)
+                if (sample(m, "edgelora_num_requests_running"),
+                        sample(m, "edgelora_num_requests_waiting")) == want:
+                    break
+                assert time.monotonic() < deadline, f"{board_url} never reached {want}"
+                time.sleep(0.05)
+
+    def close(self) -> list[tuple]:
+        self.release.set()
+        return [h.result(DEADLINE) for h in self.held]
 
 
 @pytest.mark.slow
@@ -261,34 +291,21 @@ def test_a_full_board_hands_its_overflow_to_another(fleet):
     home = mapping(url)
     adapter = ADAPTERS[0]
     board = home[adapter]
-    # Long enough to hold the board full for the whole test (tens of seconds on one thread).
-    body = {"model": adapter, "prompt": "Tell a story", "max_tokens": LONG, "temperature": 0,
-            "ignore_eos": True}
-    release, admitted = threading.Event(), threading.Semaphore(0)
-    full = MAX_SEQS + MAX_QUEUE
-    with ThreadPoolExecutor(3 * full) as pool:
-        held = [pool.submit(hold, url, body, release, admitted) for _ in range(full)]
+    others = [b for b in f.boards if b != board]
+    with ThreadPoolExecutor(3 * (MAX_SEQS + MAX_QUEUE)) as pool:
+        filler = Filler(pool)
         try:
-            for _ in range(full):
-                assert admitted.acquire(timeout=DEADLINE)
-            m = metrics(f.url(board))
-            assert (sample(m, "edgelora_num_requests_running"),
-                    sample(m, "edgelora_num_requests_waiting")) == (MAX_SEQS, MAX_QUEUE)
-            refused = sample(m, "edgelora_requests_total", endpoint="/v1/completions",
-                             status="429")
+            filler.fill(url, adapter, f.url(board))      # through HAProxy: all on its board
+            refused = sample(metrics(f.url(board)), "edgelora_requests_total",
+                             endpoint="/v1/completions", status="429")
             # The board is full: its next two requests are served elsewhere, not failed.
             overflow = [board_of(ask(url, adapter)) for _ in range(2)]
             assert board not in overflow
             assert sample(metrics(f.url(board)), "edgelora_requests_total",
                           endpoint="/v1/completions", status="429") == refused + 2
             # Every board full: the client gets the 429 (with Retry-After) after the retries.
-            direct = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "Tell a story",
-                      "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
-            others = [b for b in f.boards if b != board]
-            held += [pool.submit(hold, f.url(b), direct, release, admitted)
-                     for b in others for _ in range(full)]
-            for _ in range(len(others) * full):
-                assert admitted.acquire(timeout=DEADLINE)
+            for b in others:
+                filler.fill(f.url(b), "SmolLM2-135M-Instruct.Q4_1", f.url(b))
             r = httpx.post(f"{url}/v1/completions", json={"model": adapter, "prompt": "Hi",
                                                           "max_tokens": 2}, timeout=DEADLINE)
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
@@ -299,8 +316,10 @@ def test_a_full_board_hands_its_overflow_to_another(fleet):
                               headers={"X-Edgelora-Busy-Status": "503"}, timeout=DEADLINE)
             assert busy.status_code == 503 and busy.headers["x-edgelora-busy"] == "429"
         finally:
-            release.set()
-        assert [h.result(DEADLINE) for h in held] == [200] * len(held)
+            held = filler.close()
+    n = MAX_SEQS + MAX_QUEUE
+    assert held[:n] == [(200, board)] * n                  # the adapter's stayed on its board
+    assert [status for status, _ in held] == [200] * len(held)
     for b in f.boards:
         wait_idle(f.url(b))
 
