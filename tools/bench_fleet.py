@@ -1,14 +1,16 @@
 """A fleet of three boards behind HAProxy: adapter affinity vs round-robin, same workload.
 
-    tox -e bench    or: python tools/bench_fleet.py [--rate 1.5] [--duration 120] [--quick]
+    tox -e bench    or: python tools/bench_fleet.py [--rate 1] [--warmup 60] [--duration 120]
 
 Three `edgelora serve` boards (one thread each, one shared store of 64 random rank-8 adapters,
 each board's pool holding about a third of them) behind HAProxy, configured by `edgelora fleet
 haproxy` with affinity (consistent hashing on the adapter) or with `--no-affinity`
-(round-robin). Each mode starts fresh boards (cold pools) and runs the same seeded `edgelora
-bench` workload through the balancer: Poisson arrivals, Zipf(alpha) adapter popularity,
-/completion with `adapter` names, EOS ignored, greedy. Each board's /metrics, read before and
-after, gives the adapter loads and the pool's hits and misses.
+(round-robin). Each mode starts fresh boards and runs the same seeded `edgelora bench` workload
+through the balancer: Poisson arrivals, Zipf(alpha) adapter popularity, short /completion
+requests with `adapter` names, EOS ignored, greedy. A warm-up (another seed) fills the pools
+first, so the figures are the steady state, not the cold start every fleet pays once. Each
+board's /metrics, read before and after the measured run, gives the adapter loads and the
+pool's hits and misses.
 
 Prints the table of docs/benchmarks.md; the JSON of both runs goes to artifacts/bench_fleet/.
 All boards and HAProxy share this machine's cores, so absolute numbers are low; the ratio of
@@ -40,6 +42,8 @@ POOL_SHARE = 1 / 3               # of the adapters one board's pool holds
 PORT0 = 8851                     # boards on PORT0.., HAProxy on PORT0 + 10
 SLOTS = 8
 CTX = 512
+PROMPT_TOKENS = (8, 24)          # short requests: many per second on a shared 2-core machine,
+OUTPUT_TOKENS = (4, 12)          # so that each board sees far more requests than its pool holds
 
 
 def pool_mb(store: Path) -> float:
@@ -114,12 +118,19 @@ def run_mode(mode: str, args, model: str, store: Path, budget_mb: float) -> dict
     url = f"http://127.0.0.1:{lb_port}"
     try:
         wait_up(url, lb, log.name)
+        names = [f"tenant{i}" for i in range(ADAPTERS)]
+
+        def workload(duration: float, seed: int) -> WorkloadSpec:
+            return WorkloadSpec(rate=args.rate, duration=duration, alpha=args.alpha, cv=1.0,
+                                prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS,
+                                seed=seed)
+
+        if args.warmup > 0:        # fill the pools first: the steady state, not the cold start
+            run_bench(url, workload(args.warmup, args.seed + 1), api="edgelora", adapters=names,
+                      extra={"temperature": 0}, timeout=600)
         before = [scrape(b.url) for b in boards]
-        spec = WorkloadSpec(rate=args.rate, duration=args.duration, alpha=args.alpha, cv=1.0,
-                            prompt_tokens=(16, 64), output_tokens=(16, 32), seed=args.seed)
-        result = run_bench(url, spec, api="edgelora",
-                           adapters=[f"tenant{i}" for i in range(ADAPTERS)],
-                           extra={"temperature": 0}, timeout=600)
+        result = run_bench(url, workload(args.duration, args.seed), api="edgelora",
+                           adapters=names, extra={"temperature": 0}, timeout=600)
         after = [scrape(b.url) for b in boards]
     finally:
         lb.terminate()
@@ -154,14 +165,16 @@ def run_mode(mode: str, args, model: str, store: Path, budget_mb: float) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--rate", type=float, default=1.5, help="requests per second offered")
-    ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
+    ap.add_argument("--rate", type=float, default=1.0, help="requests per second offered")
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of measured arrivals")
+    ap.add_argument("--warmup", type=float, default=60.0,
+                    help="seconds of arrivals before measuring (another seed), to fill the pools")
     ap.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of popularity")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="30 s of arrivals (a smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.duration = 30.0
+        args.duration, args.warmup = 30.0, 15.0
     args.haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not os.access(args.haproxy, os.X_OK):
         sys.exit("HAProxy is not installed (Debian/Ubuntu: apt-get install haproxy)")
@@ -176,8 +189,8 @@ def main() -> None:
         import_store(tmp / "store", model, write_adapters(tmp / "loras", ADAPTERS))
         budget = pool_mb(tmp / "store")
         print(f"{BOARDS} boards, {ADAPTERS} adapters, pool {budget:.1f} MB per board "
-              f"(~{ADAPTERS * POOL_SHARE:.0f} adapters); rate {args.rate}/s for "
-              f"{args.duration:g} s, Zipf alpha {args.alpha}", flush=True)
+              f"(~{ADAPTERS * POOL_SHARE:.0f} adapters); rate {args.rate}/s, {args.warmup:g} s "
+              f"warm-up then {args.duration:g} s measured, Zipf alpha {args.alpha}", flush=True)
         rows = [run_mode(mode, args, model, tmp / "store", budget)
                 for mode in ("round-robin", "affinity")]
     report(rows)
@@ -187,11 +200,12 @@ def report(rows: list[dict]) -> None:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print("\n| routing | requests (ok) | adapter loads / 1,000 requests | pool hit rate | "
-          "TTFT p50 | TTFT p99 | req/s | output tok/s | requests per board |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n| routing | requests (ok) | adapter loads / 1,000 requests | evictions / 1,000 | "
+          "pool hit rate | TTFT p50 | TTFT p99 | req/s | output tok/s | requests per board |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['mode']} | {r['requests']} ({r['succeeded']}) | {r['loads_per_1000']:.0f} | "
+              f"{1000 * r['evictions'] / r['requests']:.0f} | "
               f"{f(r['hit_rate'], '.1%')} | {f(r['ttft_p50'], '.2f')} s | "
               f"{f(r['ttft_p99'], '.2f')} s | {f(r['requests_per_s'], '.2f')} | "
               f"{f(r['output_tokens_per_s'], '.1f')} | "
