@@ -1,6 +1,6 @@
 """A fleet of three boards behind HAProxy: adapter affinity vs round-robin, same workload.
 
-    tox -e bench    or: python tools/bench_fleet.py [--rate 1] [--warmup 60] [--duration 120]
+    tox -e bench    or: python tools/bench_fleet.py [--rate 1] [--warmup 180] [--duration 120]
 
 Three `edgelora serve` boards (one thread each, one shared store of 64 random rank-8 adapters,
 each board's pool holding about a third of them) behind HAProxy, configured by `edgelora fleet
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--rate", type=float, default=1.0, help="requests per second offered")
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of measured arrivals")
-    ap.add_argument("--warmup", type=float, default=60.0,
+    ap.add_argument("--warmup", type=float, default=180.0,
                     help="seconds of arrivals before measuring (another seed), to fill the pools")
     ap.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of popularity")
     ap.add_argument("--seed", type=int, default=0)
