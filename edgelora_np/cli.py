@@ -1,5 +1,5 @@
 """The `edgelora` command line: serve, generate, chat, demo, inspect, warmup, adapters, route,
-bench.
+bench, fleet.
 
 A thin click group over the public API (edgelora_np/api.py). Heavy modules (NumPy, Numba, the
 API) are imported inside the commands, so that `edgelora --help` need not load them.
@@ -462,6 +462,59 @@ def new_key(tenant):
     key, table = make(tenant)
     click.echo(f"# API key of tenant {tenant} (not stored anywhere; give it to them):\n{key}\n"
                f"# add to the --api-keys file:\n{table}", nl=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# fleet: several boards behind one load balancer (edgelora_np/fleet.py, docs/fleet.md)
+
+@main.group()
+def fleet():
+    """Several boards behind one load balancer, each adapter served by one board."""
+
+
+@fleet.command("haproxy")
+@click.option("--board", "boards", metavar="HOST:PORT", multiple=True, required=True,
+              help="An `edgelora serve` board (repeatable; the order does not matter).")
+@click.option("--listen", default="0.0.0.0:8000", show_default=True, metavar="ADDR:PORT",
+              help="Where HAProxy accepts clients.")
+@click.option("--base-model", "base_models", metavar="ID", multiple=True,
+              help="A `model` id that names the base model, balanced by least connections like "
+                   "'auto' (repeatable) [default: the embedded model's id].")
+@click.option("--no-affinity", is_flag=True,
+              help="Round-robin every request instead (a baseline for benchmarks).")
+@click.option("--balance-factor", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Bounded-load consistent hashing: no board over this % of the average load "
+                   "(125-200; 0: off, strict affinity).")
+@click.option("--check-interval", "check_interval_s", type=click.FloatRange(min=0.1),
+              default=2.0, show_default=True, help="Seconds between health checks of /health.")
+@click.option("--response-timeout", "response_timeout_s", type=click.FloatRange(min=1),
+              default=600.0, show_default=True,
+              help="Seconds a board may stay silent (a long prefill, a non-streamed answer).")
+@click.option("--max-body-kb", type=click.IntRange(min=16), default=64, show_default=True,
+              help="Largest request routed by adapter and retried (HAProxy's buffer).")
+@click.option("--stats", default=None, metavar="ADDR:PORT",
+              help="Serve HAProxy's stats page here (each board up or down; CSV at /;csv).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the config here instead of stdout.")
+def fleet_haproxy(boards, listen, base_models, no_affinity, balance_factor, check_interval_s,
+                  response_timeout_s, max_body_kb, stats, output):
+    """Print an HAProxy config that sends each adapter's requests to one board.
+
+    The adapter is read from the JSON body (`model` on /v1 routes, `adapter` on /completion);
+    consistent hashing keeps it on the same board until that board leaves. A dead or full
+    board's requests are retried on another. Needs HAProxy 2.6 or later (docs/fleet.md)."""
+    from edgelora_np.fleet import FleetOptions, haproxy_config
+
+    options = FleetOptions(boards=boards, listen=listen, affinity=not no_affinity,
+                           balance_factor=balance_factor, check_interval_s=check_interval_s,
+                           response_timeout_s=response_timeout_s, max_body_kb=max_body_kb,
+                           stats=stats, **({"base_models": base_models} if base_models else {}))
+    text = haproxy_config(options)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        with open(output, "w") as f:
+            f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
 Errors everywhere are {"error": {"message", "type", "param", "code"}} with the status that fits
 (service.ApiError); a request the server cannot parse is a 400, never a 500 (a 500 is a bug,
 logged with its traceback). Keys are never logged.
+
+A request with `X-Edgelora-Busy-Status: 503` (what the fleet's HAProxy sends) gets its 429s
+("too busy": queue full, tenant limit) as 503 with `X-Edgelora-Busy: 429`, which the balancer
+can retry on another board (docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -130,7 +134,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, f"internal error: {type(e).__name__}"))
 
 
-# --- the outer layer: body limit, server header, access log and request metrics ----------------
+# --- the outer layer: body limit, server header, busy status, access log and request metrics ----
+
+BUSY_STATUS_HEADER = b"x-edgelora-busy-status"   # request: answer "too busy" (429) with this
+BUSY_HEADER = b"x-edgelora-busy"                 # response: the status it stands for (429)
+BUSY_STATUSES = (429, 503)
+
+
+def _busy_status(value: bytes | None) -> int | None:
+    """The status a request asks "too busy" to be answered with (edgelora_np/fleet.py: HAProxy
+    2.6 retries a 503 on another board but cannot retry a 429); None: the usual 429."""
+    if value is None or not value.strip().isdigit() or int(value) not in BUSY_STATUSES:
+        return None
+    return int(value)
+
 
 class _Outer:
     """Pure ASGI middleware around the app (no BaseHTTPMiddleware: it breaks streaming and
@@ -147,17 +164,21 @@ class _Outer:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = {"code": 500}
+        headers = dict(scope.get("headers") or [])
+        busy_status = _busy_status(headers.get(BUSY_STATUS_HEADER))
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                if self.name:
-                    message.setdefault("headers", [])
-                    message["headers"] = [*message["headers"],
-                                          (b"x-edgelora-server", self.name.encode())]
+                extra = [(b"x-edgelora-server", self.name.encode())] if self.name else []
+                if message["status"] == 429 and busy_status is not None:
+                    # A balancer asked for "too busy" in a status it retries elsewhere.
+                    message = {**message, "status": busy_status}
+                    extra.append((BUSY_HEADER, b"429"))
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        headers = dict(scope.get("headers") or [])
         if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
             # llama-server reads every body as JSON, and its clients rely on it (curl -d).
             scope = {**scope, "headers": [*((k, v) for k, v in scope["headers"]

@@ -10,6 +10,7 @@ adapter pool (EngineCollector), so a scrape always shows the present state:
     edgelora_time_per_output_token_seconds          histogram, per request: decode time / (n - 1)
     edgelora_num_requests_waiting / _running        gauges
     edgelora_kv_cache_pages_used / _free            gauges (pages of 32 positions)
+    edgelora_kv_cache_usage_perc                    gauge: used / all pages, 0 to 1 (vLLM's form)
     edgelora_adapter_pool_{hits,misses,loads,evictions}_total, _bytes_resident, _bytes_pinned
     edgelora_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}
         vLLM's `lora_requests_info` gauge under our prefix (value: the scrape's Unix time), the
@@ -48,6 +49,10 @@ class EngineCollector:
                  "Adapter bytes pinned by requests (or added for good)."),
                 ("adapter_pool_budget_bytes", p.budget_bytes, "The pool's byte budget.")):
             yield GaugeMetricFamily(f"edgelora_{name}", doc, value=value)
+        pages = s.kv_pages_used + s.kv_pages_free
+        yield GaugeMetricFamily("edgelora_kv_cache_usage_perc", "KV cache pages in use, 0 to 1 "
+                                "(vLLM's kv_cache_usage_perc).",
+                                value=s.kv_pages_used / pages if pages else 0.0)
         for name, value in (("hits", p.hits), ("misses", p.misses), ("loads", p.loads),
                             ("evictions", p.evictions), ("load_failures", p.load_failures)):
             yield CounterMetricFamily(f"edgelora_adapter_pool_{name}",
