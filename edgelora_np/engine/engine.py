@@ -533,7 +533,8 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The engine thread is stepping: started, not failed (its thread may still be exiting)."""
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         """Start the engine thread (and the prefetcher, with a store); `submit` does this."""
