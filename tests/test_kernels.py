@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
-from tiny_model import random_k_blocks
+from tiny_model import K_TYPES, RANDOM_TYPES, random_k_blocks
 
 from edgelora_np.errors import ContextOverflowError, UnsupportedQuantError
 from edgelora_np.kernels import actquant, attention, bits, elementwise, pack
@@ -23,8 +23,8 @@ from edgelora_np.kernels.qmatmul import TOKEN_CHUNK
 from edgelora_np.model.config import LlamaConfig
 from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
 
-ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
-K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL,
+             QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS]
 quick = settings(max_examples=25, deadline=None)
 
 
@@ -36,7 +36,7 @@ def raw_tensor(qtype: QT, rows: int, cols: int, rng: np.random.Generator,
                std: float | None = 0.05) -> np.ndarray:
     """A weight [rows, cols] as GGUF stores it. gguf-py quantizes the legacy and float types;
     K-quant blocks are random (std None: fp16 scales of any finite magnitude)."""
-    if qtype in K_TYPES:
+    if qtype in RANDOM_TYPES:
         n = cols // block_size(qtype)
         return random_k_blocks(qtype, rows * n, rng, std).reshape(rows, -1)
     x = (rng.standard_normal((rows, cols)) * (std or 1.0)).astype(np.float32)
@@ -62,7 +62,7 @@ def cols_for(qtype: QT) -> int:
 def test_pack_round_trips_bit_exact(qtype, rows, n_threads):
     cols = 2 * cols_for(qtype)
     rng = np.random.default_rng([int(qtype), rows, n_threads])
-    raw = raw_tensor(qtype, rows, cols, rng, std=None if qtype in K_TYPES else 1.0)
+    raw = raw_tensor(qtype, rows, cols, rng, std=None if qtype in RANDOM_TYPES else 1.0)
     w = pack.pack_gguf(raw, qtype, rows, cols, n_threads)
     assert (w.n_rows, w.n_cols) == (rows, cols)
     assert w.qs.shape[-1] % pack.TILE_ALIGN == 0
@@ -85,9 +85,9 @@ def test_pack_reads_flat_bytes_as_the_reader_maps_them():
 
 
 def test_pack_rejects_unsupported_type_by_name():
-    raw = np.zeros((2, 84), np.uint8)                                    # one Q2_K block per row
-    with pytest.raises(UnsupportedQuantError, match=r"blk\.0\.ffn_up\.weight.*Q2_K"):
-        pack.pack_gguf(raw, QT.Q2_K, 2, 256, 1, name="blk.0.ffn_up.weight")
+    raw = np.zeros((2, 66), np.uint8)                                    # one IQ2_XXS block per row
+    with pytest.raises(UnsupportedQuantError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS"):
+        pack.pack_gguf(raw, QT.IQ2_XXS, 2, 256, 1, name="blk.0.ffn_up.weight")
 
 
 @pytest.mark.parametrize("n_rows, n_threads", [(1, 1), (17, 2), (576, 1), (576, 2), (49152, 2)])
@@ -189,15 +189,15 @@ def test_pack_stacked_equals_stacking(qtype, n_threads):
                           np.concatenate([pack.matmul(p, x) for p in parts], axis=1))
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_packed_bytes_stay_close_to_the_file(qtype):
-    """Repacking keeps the file's bits per weight: only tile padding (none here: 512 rows) and,
-    for Q4_K/Q5_K, the 12-byte scale/min packing widened to 16 bytes are added."""
+    """Repacking keeps the file's bits per weight: only tile padding (none here: 512 rows) and
+    packed 6-bit scales widened to a byte each are added: Q3_K's and Q4_K/Q5_K's 12 bytes to
+    16, IQ4_XS's 6 to 8."""
     rows, cols = 512, 1024
     raw = raw_tensor(qtype, rows, cols, np.random.default_rng(0))
     w = pack.pack_gguf(raw, qtype, rows, cols, n_threads=2)
-    extra = {QT.Q4_K: 4, QT.Q5_K: 4}.get(qtype, 0) * rows * cols // 256
+    extra = {QT.Q3_K: 4, QT.Q4_K: 4, QT.Q5_K: 4, QT.IQ4_XS: 2}.get(qtype, 0) * rows * cols // 256
     assert w.nbytes == raw.nbytes + extra
 
 

@@ -17,17 +17,24 @@ from hypothesis.extra import numpy as hnp
 from edgelora_np.errors import GGUFFormatError, UnsupportedQuantError
 from edgelora_np.gguf import quants
 
-BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL,
+               T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]
 
 # Byte offsets of the fp16 scale fields in each block type; everything else is free bits.
 FP16_FIELDS = {
     T.Q4_0: [0],
     T.Q4_1: [0, 2],
+    T.Q5_0: [0],
+    T.Q5_1: [0, 2],
     T.Q8_0: [0],
+    T.IQ4_NL: [0],
+    T.Q2_K: [80, 82],
+    T.Q3_K: [108],
     T.Q4_K: [0, 2],
     T.Q5_K: [0, 2],
     T.Q6_K: [208],
+    T.IQ4_XS: [0],
 }
 FP16_ONE = 0x3C00  # bit pattern of 1.0 in fp16
 FP16_EXPONENT = 0x7C00  # all-ones exponent = inf or NaN
@@ -86,7 +93,7 @@ def test_table_rows_describe_themselves():
     assert quants.QUANT_TYPES[T.Q4_K].bits_per_weight == 4.5
     assert quants.QUANT_TYPES[T.Q6_K].bits_per_weight == 6.5625
     with pytest.raises(TypeError):
-        quants.QUANT_TYPES[T.Q2_K] = quants.QUANT_TYPES[T.Q4_K]  # the table is read-only
+        quants.QUANT_TYPES[T.IQ2_XXS] = quants.QUANT_TYPES[T.Q4_K]  # the table is read-only
 
 
 def test_row_bytes():
@@ -113,7 +120,8 @@ def test_block_types_match_gguf_py(qtype, rows, blocks_per_row):
     assert_bit_exact(ours, gguf.quants.dequantize(raw, qtype))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0],
+                         ids=lambda t: t.name)
 def test_blocks_quantized_by_gguf_py_match(qtype):
     rng = np.random.default_rng(int(qtype))
     x = (rng.standard_normal((5, 96)) * rng.uniform(0.01, 10, size=(5, 1))).astype(np.float32)
@@ -343,26 +351,40 @@ def test_tables_are_cached_and_read_only():
         quants.f16_to_f32_table()[0] = 1.0
 
 
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("fill", [0x00, 0xFF, 0x55, 0xAA])
+@pytest.mark.parametrize("scale", [0x7BFF, 0xFBFF, 0x0001, 0x8000])   # +-65504, 2**-24, -0.0
+def test_block_decoders_at_the_edges(qtype, fill, scale):
+    """Every code, scale and high bit at its extreme (all bits 0 or 1, or alternating),
+    under the largest, smallest and negative-zero fp16 scales."""
+    qt = quants.QUANT_TYPES[qtype]
+    blocks = np.full((2, qt.bytes_per_block), fill, np.uint8)
+    for offset in FP16_FIELDS[qtype]:
+        blocks[:, offset : offset + 2] = np.array([scale], np.uint16).view(np.uint8)
+    assert_bit_exact(qt.dequantize_blocks(blocks), gguf.quants.dequantize(blocks, qtype))
+
+
 # --------------------------------------------------------------------------------------------
 # Errors that name the problem
 
 
 def test_unsupported_type_names_itself_and_the_supported_ones():
     with pytest.raises(UnsupportedQuantError) as err:
-        quants.quant_type(T.Q2_K, tensor="blk.0.ffn_down.weight")
+        quants.quant_type(T.IQ2_XXS, tensor="blk.0.ffn_down.weight")
     message = str(err.value)
-    assert "Q2_K" in message and "blk.0.ffn_down.weight" in message
-    for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+    assert "IQ2_XXS" in message and "blk.0.ffn_down.weight" in message
+    for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K",
+                 "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"):
         assert name in message
 
 
 def test_unsupported_type_in_dequantize_and_row_bytes():
-    with pytest.raises(UnsupportedQuantError, match="IQ4_XS"):
-        quants.dequantize(np.zeros((1, 136), np.uint8), T.IQ4_XS, (1, 256), name="w")
+    with pytest.raises(UnsupportedQuantError, match="IQ3_S"):
+        quants.dequantize(np.zeros((1, 110), np.uint8), T.IQ3_S, (1, 256), name="w")
     with pytest.raises(UnsupportedQuantError, match="Q8_K"):  # activations only, not in files
         quants.dequantize(np.zeros((1, 292), np.uint8), T.Q8_K, (1, 256), name="w")
-    with pytest.raises(UnsupportedQuantError, match="Q2_K"):
-        quants.row_bytes(T.Q2_K, 256)
+    with pytest.raises(UnsupportedQuantError, match="IQ1_S"):
+        quants.row_bytes(T.IQ1_S, 256)
     with pytest.raises(UnsupportedQuantError, match="unknown type id 999"):
         quants.quant_type(999)
 

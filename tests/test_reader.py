@@ -135,10 +135,10 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unsupported_quant_type(tmp_path):
     path = write_tiny_model(tmp_path / "m.gguf", k_spec(QT.Q4_K),
-                            tensor_types={"blk.1.ffn_up.weight": QT.Q2_K})
+                            tensor_types={"blk.1.ffn_up.weight": QT.IQ2_XXS})
     with pytest.raises(UnsupportedQuantError) as e:
         load(path)
-    assert "blk.1.ffn_up.weight" in str(e.value) and "Q2_K" in str(e.value)
+    assert "blk.1.ffn_up.weight" in str(e.value) and "IQ2_XXS" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["blk.1.ffn_up.weight", "blk.0.attn_norm.weight",

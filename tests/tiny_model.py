@@ -6,9 +6,10 @@ A model has random weights with std 1/sqrt(fan-in) (so activations stay O(1)), F
 and a gpt2 byte-level tokenizer vocabulary of `vocab` tokens that Tokenizer.from_gguf_fields
 accepts. The corruptions the loader must reject are keyword options of `write_tiny_model`.
 
-gguf-py quantizes F16, BF16, Q4_0, Q4_1 and Q8_0 itself. It cannot make K-quants, so K-quant
-weights are random blocks (every bit pattern of a K-quant block is valid once its fp16 scales
-are finite) whose fp16 scales are set so that the decoded weights have the wanted std.
+gguf-py quantizes F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 itself. It cannot make K-quants
+or IQ4 blocks, so those weights are random blocks (every bit pattern of such a block is valid
+once its fp16 scales are finite) whose fp16 scales are set so that the decoded weights have the
+wanted std.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
-BLOCK_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, *K_TYPES)
+K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS)   # 256-element blocks
+RANDOM_TYPES = (*K_TYPES, QT.IQ4_NL)               # the block types gguf-py cannot quantize
+BLOCK_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, *RANDOM_TYPES)
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
-# Byte offset of each K-quant block's fp16 fields: (d, dmin) or (d,) for Q6_K.
-_K_SCALE_OFFSETS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
-# dmin / d that centres a random Q4_K/Q5_K block on zero: E[sc * q] = E[mn] * E[q] with
-# sc, mn uniform on 0..63, so dmin = d * E[q] (E[q] = 7.5 for 4-bit codes, 15.5 for 5-bit).
-_K_DMIN_RATIO = {QT.Q4_K: 7.5, QT.Q5_K: 15.5}
+# Byte offset of each random-block type's fp16 fields: (d, dmin) or (d,).
+_K_SCALE_OFFSETS = {QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2),
+                    QT.Q6_K: (208,), QT.IQ4_XS: (0,), QT.IQ4_NL: (0,)}
+# dmin / d that centres a random Q2_K/Q4_K/Q5_K block on zero: E[sc * q] = E[mn] * E[q] with
+# sc, mn uniform on the same range, so dmin = d * E[q] (E[q] = 1.5, 7.5, 15.5 for 2, 4, 5 bits).
+_K_DMIN_RATIO = {QT.Q2_K: 1.5, QT.Q4_K: 7.5, QT.Q5_K: 15.5}
 
 
 def random_k_blocks(qtype: QT, n_blocks: int, rng: np.random.Generator,
                     std: float | None = None) -> np.ndarray:
-    """uint8 [n_blocks, bytes per block] random valid blocks of a K-quant type.
+    """uint8 [n_blocks, bytes per block] random valid blocks of a K-quant or IQ4 type.
 
     With std None the fp16 scales are random finite values of any magnitude (for bit-exactness
     tests). Otherwise d (and dmin) are set so the decoded weights have about that std.
@@ -65,7 +68,7 @@ def random_weight(qtype: QT, shape: tuple[int, ...], rng: np.random.Generator,
                   std: float) -> np.ndarray:
     """A random tensor of logical `shape` (NumPy order) encoded as GGUFWriter.add_tensor takes it:
     float32/float16 arrays for F32/F16, uint8 [rows, row bytes] for everything else."""
-    if qtype in K_TYPES:
+    if qtype in RANDOM_TYPES:
         rows, cols = shape
         n = cols // gguf.GGML_QUANT_SIZES[qtype][0]
         return random_k_blocks(qtype, rows * n, rng, std).reshape(rows, -1)
@@ -74,11 +77,11 @@ def random_weight(qtype: QT, shape: tuple[int, ...], rng: np.random.Generator,
         return x
     if qtype == QT.F16:
         return x.astype(np.float16)
-    return gguf.quants.quantize(x, qtype)          # BF16, Q4_0, Q4_1, Q8_0: uint8 bytes
+    return gguf.quants.quantize(x, qtype)          # BF16, Q4_0, Q4_1, Q5_x, Q8_0: uint8 bytes
 
 
 def raw_bytes_of_type(qtype: QT, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """uint8 [rows, row bytes] of any ggml type (e.g. one we do not support, like Q2_K)."""
+    """uint8 [rows, row bytes] of any ggml type (e.g. one we do not support, like IQ2_XXS)."""
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
     return rng.integers(0, 256, size=(rows, cols // block * nbytes), dtype=np.uint8)

@@ -116,6 +116,139 @@ def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
     return d * q.astype(np.float32)
 
 
+def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1 codes 0..31: uint8[N, 4] fifth bits (bit e of the little-endian 32-bit word is
+    element e's) and uint8[N, 16] nibbles (as Q4_0) -> uint8[N, 32]."""
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [N, 32]
+    high = np.unpackbits(qh, axis=1, bitorder="little")  # [N, 32], element order
+    return low | (high << 4)
+
+
+def dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0, 22 bytes -> 32 weights, w = d * (q - 16) with q in 0..31.
+
+    bytes 0-1   d    fp16 scale
+    bytes 2-5   qh   the fifth bit of each q: bit e of this little-endian word is element e's
+    bytes 6-21  qs   low 4 bits, nibble order as in Q4_0
+    """
+    d = _f16(blocks[:, 0:2])  # [N, 1]
+    q = _q5_codes(blocks[:, 2:6], blocks[:, 6:22]).astype(np.int8) - np.int8(16)  # [N, 32]
+    return d * q.astype(np.float32)
+
+
+def dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
+    """Q5_1, 24 bytes -> 32 weights, w = d * q + m with q in 0..31.
+
+    bytes 0-1   d    fp16 scale
+    bytes 2-3   m    fp16 offset
+    bytes 4-7   qh   fifth bits, as in Q5_0
+    bytes 8-23  qs   low 4 bits, nibble order as in Q4_0
+    """
+    d = _f16(blocks[:, 0:2])  # [N, 1]
+    m = _f16(blocks[:, 2:4])  # [N, 1]
+    q = _q5_codes(blocks[:, 4:8], blocks[:, 8:24])  # [N, 32]
+    return d * q.astype(np.float32) + m
+
+
+# IQ4_NL's 16 levels (ggml kvalues_iq4nl): a non-linear 4-bit grid, denser near zero.
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
+                          1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+IQ4_NL_VALUES.flags.writeable = False
+
+
+def dequantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_NL, 18 bytes -> 32 weights, w = d * IQ4_NL_VALUES[q] with q in 0..15.
+
+    bytes 0-1   d    fp16 scale
+    bytes 2-17  qs   nibble order as in Q4_0 (byte j: element j low, element j+16 high)
+    """
+    d = _f16(blocks[:, 0:2])  # [N, 1]
+    qs = blocks[:, 2:18]  # [N, 16]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [N, 32]
+    return d * IQ4_NL_VALUES[q].astype(np.float32)
+
+
+def iq4_xs_scales(scales_h: np.ndarray, scales_l: np.ndarray) -> np.ndarray:
+    """IQ4_XS sub-block scales: uint8[N, 2] high bits and uint8[N, 4] low nibbles -> int8[N, 8]
+    in -32..31. Sub-block s: low 4 bits = nibble s of scales_l (low nibble first), high 2 bits
+    = bits 2s..2s+1 of the little-endian 16-bit scales_h."""
+    low = np.stack([scales_l & 0x0F, scales_l >> 4], axis=2).reshape(-1, 8)  # [N, 8]
+    high = np.unpackbits(scales_h, axis=1, bitorder="little").reshape(-1, 8, 2)  # [N, 8, 2]
+    high = high[..., 0] | (high[..., 1] << 1)  # [N, 8]
+    return (low | (high << 4)).astype(np.int8) - np.int8(32)
+
+
+def dequantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_XS, 136 bytes -> 256 weights in 8 sub-blocks of 32, w = d * sc[s] * IQ4_NL_VALUES[q].
+
+    bytes 0-1     d         fp16 super-block scale
+    bytes 2-3     scales_h  high 2 bits of the 8 six-bit sub-block scales (see iq4_xs_scales)
+    bytes 4-7     scales_l  low 4 bits of the scales, two per byte
+    bytes 8-135   qs        16 bytes per sub-block, nibble order as in Q4_0
+    """
+    n = blocks.shape[0]
+    d = _f16(blocks[:, 0:2])  # [N, 1]
+    sc = iq4_xs_scales(blocks[:, 2:4], blocks[:, 4:8]).astype(np.float32)  # [N, 8]
+    qs = blocks[:, 8:136].reshape(n, 8, 16)  # [N, sub-block, 16]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # [N, 8, 32]
+    scale = (d * sc)[:, :, None]  # [N, 8, 1]
+    return (scale * IQ4_NL_VALUES[q].astype(np.float32)).reshape(n, QK_K)
+
+
+def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K low 2 bits: uint8[N, 64] -> uint8[N, 256]. Two halves of 128; in half h,
+    element 128h + 32j + l (j = 0..3, l = 0..31) is bits 2j..2j+1 of byte 32h + l."""
+    n = qs.shape[0]
+    shift = np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]  # [1, 1, j, 1]
+    return ((qs.reshape(n, 2, 1, 32) >> shift) & 3).reshape(n, QK_K)
+
+
+def dequantize_q2_K(blocks: np.ndarray) -> np.ndarray:
+    """Q2_K, 84 bytes -> 256 weights in 16 sub-blocks of 16, w = d*sc[s] * q - dmin*mn[s].
+
+    bytes 0-15   scales  byte s: low nibble sc[s], high nibble mn[s] (4 bits each)
+    bytes 16-79  qs      2-bit q in 0..3 (see _two_bit_codes)
+    bytes 80-81  d       fp16 scale of the sub-block scales
+    bytes 82-83  dmin    fp16 scale of the sub-block mins
+    """
+    n = blocks.shape[0]
+    scales = blocks[:, 0:16]  # [N, 16]
+    q = _two_bit_codes(blocks[:, 16:80]).reshape(n, 16, 16).astype(np.float32)
+    d = _f16(blocks[:, 80:82])  # [N, 1]
+    dmin = _f16(blocks[:, 82:84])  # [N, 1]
+    scale = (d * (scales & 0x0F).astype(np.float32))[:, :, None]  # [N, 16, 1]
+    offset = (dmin * (scales >> 4).astype(np.float32))[:, :, None]  # [N, 16, 1]
+    return (scale * q - offset).reshape(n, QK_K)
+
+
+def q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """Q3_K sub-block scales: uint8[N, 12] -> int8[N, 16] in -32..31. Scale s: low 4 bits =
+    nibble s // 8 of byte s % 8, high 2 bits = bits 2(s // 4).. of byte 8 + s % 4."""
+    low = np.stack([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], axis=1).reshape(-1, 16)
+    shift = np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]  # [1, s // 4, 1]
+    high = ((packed[:, None, 8:12] >> shift) & 3).reshape(-1, 16)  # [N, 16]
+    return (low | (high << 4)).astype(np.int8) - np.int8(32)
+
+
+def dequantize_q3_K(blocks: np.ndarray) -> np.ndarray:
+    """Q3_K, 110 bytes -> 256 weights in 16 sub-blocks of 16, w = d * sc[s] * q, q in -4..3.
+
+    bytes 0-31    hmask   bit b of byte l belongs to element 32b + l; q = low - 4 where it
+                          is 0 and q = low where it is 1
+    bytes 32-95   qs      low 2 bits (see _two_bit_codes)
+    bytes 96-107  scales  16 six-bit scales (see q3_k_scales)
+    bytes 108-109 d       fp16 super-block scale
+    """
+    n = blocks.shape[0]
+    high = np.unpackbits(blocks[:, 0:32, None], axis=2, bitorder="little")  # [N, l, b]
+    high = high.transpose(0, 2, 1).reshape(n, QK_K)  # element 32b + l
+    q = _two_bit_codes(blocks[:, 32:96]).astype(np.int8) - (4 * (1 - high)).astype(np.int8)
+    sc = q3_k_scales(blocks[:, 96:108]).astype(np.float32)  # [N, 16]
+    d = _f16(blocks[:, 108:110])  # [N, 1]
+    scale = (d * sc)[:, :, None]  # [N, 16, 1]
+    return (scale * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
 def dequantize_q4_K(blocks: np.ndarray) -> np.ndarray:
     """Q4_K, 144 bytes -> 256 weights in 8 sub-blocks of 32, w = d*sc[s] * q - dmin*mn[s].
 
@@ -248,12 +381,21 @@ QUANT_TYPES: Mapping[GGMLQuantizationType, QuantType] = _table(
     QuantType(_T.Q4_0, QK, 2 + QK // 2, dequantize_q4_0, "d * (q - 8)"),
     QuantType(_T.Q4_1, QK, 2 + 2 + QK // 2, dequantize_q4_1, "d * q + m"),
     QuantType(_T.Q8_0, QK, 2 + QK, dequantize_q8_0, "d * q"),
+    QuantType(_T.Q5_0, QK, 2 + 4 + QK // 2, dequantize_q5_0, "d * (q - 16)"),
+    QuantType(_T.Q5_1, QK, 2 + 2 + 4 + QK // 2, dequantize_q5_1, "d * q + m"),
+    QuantType(_T.IQ4_NL, QK, 2 + QK // 2, dequantize_iq4_nl, "d * IQ4_NL_VALUES[q]"),
+    QuantType(_T.Q2_K, QK_K, QK_K // 16 + QK_K // 4 + 2 + 2, dequantize_q2_K,
+              "d * sc[s] * q - dmin * mn[s]"),
+    QuantType(_T.Q3_K, QK_K, QK_K // 8 + QK_K // 4 + 12 + 2, dequantize_q3_K,
+              "d * sc[s] * q"),
     QuantType(_T.Q4_K, QK_K, 2 + 2 + K_SCALE_BYTES + QK_K // 2, dequantize_q4_K,
               "d * sc[s] * q - dmin * mn[s]"),
     QuantType(_T.Q5_K, QK_K, 2 + 2 + K_SCALE_BYTES + QK_K // 8 + QK_K // 2, dequantize_q5_K,
               "d * sc[s] * q - dmin * mn[s]"),
     QuantType(_T.Q6_K, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2, dequantize_q6_K,
               "d * sc[s] * (q - 32)"),
+    QuantType(_T.IQ4_XS, QK_K, 2 + 2 + QK_K // 64 + QK_K // 2, dequantize_iq4_xs,
+              "d * sc[s] * IQ4_NL_VALUES[q]"),
 )
 
 # Formats ggml quantizes activations to before an integer dot product; never in model files.

@@ -3,9 +3,10 @@
 GGUF stores each weight row as a run of quant blocks. We split every block into its fields
 (integer codes, scales, offsets) and store rows in tiles of T (layouts in kernels/qmatmul.py).
 Repacking keeps the file's bits per weight: Q4_0/Q4_1/Q8_0 become codes plus fp16 scales per
-32-block; the K-quants keep their 4-bit nibbles, their high bits, their 6- or 8-bit sub-block
-scales and their fp16 super-block scales, each field in its own array. Only the 12-byte
-packing of Q4_K/Q5_K's sub-block scales is widened to a byte each (+4 bytes per 256 weights).
+32-block; Q5_0/Q5_1/IQ4_NL add their fifth bits or keep their table indices; the K-quants keep
+their 2- or 4-bit codes, their high bits, their 4-, 6- or 8-bit sub-block scales and their fp16
+super-block scales, each field in its own array. Only packed 6-bit sub-block scales (Q3_K,
+Q4_K, Q5_K, IQ4_XS) are widened to a byte each (+2 to +4 bytes per 256 weights).
 
 Which activation format each weight type is multiplied with follows ggml's vec_dot_type.
 """
@@ -18,7 +19,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from edgelora_np.errors import UnsupportedQuantError
-from edgelora_np.gguf.quants import k_scales_mins
+from edgelora_np.gguf.quants import (
+    IQ4_NL_VALUES,
+    iq4_xs_scales,
+    k_scales_mins,
+    q3_k_scales,
+)
 from edgelora_np.kernels.actquant import (
     quantize_activations,
     quantize_activations_q8_k,
@@ -33,6 +39,13 @@ from edgelora_np.kernels.qmatmul import (
     matmul_q8,
     scale_array_f32,
 )
+from edgelora_np.kernels.qmatmul_decoded import (
+    KIND_IQ4XS,
+    KIND_K2,
+    KIND_K3,
+    matmul_b32_decoded,
+    matmul_k_decoded,
+)
 
 MAX_TILE = 512     # rows per tile; bounds the per-thread accumulators
 TILE_ALIGN = 16    # tiles are a whole number of 512-bit float32 vectors
@@ -42,28 +55,34 @@ QK_K = 256         # elements per K-quant super-block
 # ggml's vec_dot_type: the format activations are quantized to for each weight type.
 ACTIVATION_FORMAT = {
     QT.Q4_0: "q8_0", QT.Q8_0: "q8_0", QT.Q4_1: "q8_1",
-    QT.Q4_K: "q8_K", QT.Q5_K: "q8_K", QT.Q6_K: "q8_K",
+    QT.Q5_0: "q8_0", QT.Q5_1: "q8_1", QT.IQ4_NL: "q8_0",
+    QT.Q2_K: "q8_K", QT.Q3_K: "q8_K", QT.Q4_K: "q8_K", QT.Q5_K: "q8_K", QT.Q6_K: "q8_K",
+    QT.IQ4_XS: "q8_K",
     QT.F16: "f16", QT.BF16: "bf16", QT.F32: "f32",
 }
 SUPPORTED = tuple(ACTIVATION_FORMAT)
 
 
-K_BITS = {"k4": 4, "k5": 5, "k6": 6}     # code bits of the K-quant kinds
+K_BITS = {"k4": 4, "k5": 5, "k6": 6}     # code bits of the K-quant kinds of kernels/qmatmul.py
+# The 256-block kinds of kernels/qmatmul_decoded.py, by their kernel's kind code.
+K_DECODED = {"k2": KIND_K2, "k3": KIND_K3, "iq4xs": KIND_IQ4XS}
+K_KINDS = (*K_BITS, *K_DECODED)         # every kind multiplied against q8_K activations
+SUB_BLOCK = {"k2": 16, "k3": 16, "k4": 32, "k5": 32, "k6": 16, "iq4xs": 32}
 
 
 @dataclass(frozen=True)
 class PackedMatrix:
     """A weight matrix W [n_rows, n_cols] in a kernel layout. See kernels/qmatmul.py."""
 
-    kind: str            # "q4", "q8", "k4", "k5", "k6", "f16", "bf16" or "f32"
+    kind: str            # "q4", "q5", "q8", "iq4nl", "k2".."k6", "iq4xs", "f16", "bf16", "f32"
     n_rows: int          # N, output features
     n_cols: int          # K, input features
     act: str             # activation format: "q8_0", "q8_1", "q8_K", "f16", "bf16", "f32"
     qs: np.ndarray       # codes (q4/q8: all bits, k*: the low 4) or the f16/bf16/f32 weights
     d: np.ndarray | None = None    # scales: per 32-block (q4/q8), per super-block (k*)
     m: np.ndarray | None = None    # offsets per 32-block (q4/q8), dmin per super-block (k4/k5)
-    qh: np.ndarray | None = None   # k5/k6: the high bits of the codes
-    sc: np.ndarray | None = None   # k*: integer sub-block scales
+    qh: np.ndarray | None = None   # q5, k3, k5, k6: the high bits of the codes
+    sc: np.ndarray | None = None   # k*, iq4xs: integer sub-block scales (k2: scale | min << 4)
     mn: np.ndarray | None = None   # k4/k5: integer sub-block mins
 
     FIELDS = ("qs", "d", "m", "qh", "sc", "mn")
@@ -156,6 +175,59 @@ def _split_q6_k(blocks):
     return q.reshape(*lead, QK_K), _f16(blocks[..., 208:210]), None, sc, None
 
 
+def _split_q5(blocks):
+    # Q5_0, 22 bytes: d | qh 4 | qs 16;  Q5_1, 24 bytes: d | m | qh 4 | qs 16.
+    has_m = blocks.shape[-1] == 24
+    o = 4 if has_m else 2
+    return dict(qs=blocks[..., o + 4:], qh=blocks[..., o:o + 4], d=_f16(blocks[..., 0:2]),
+                m=_f16(blocks[..., 2:4]) if has_m else None)
+
+
+def _split_iq4_nl(blocks):   # 18 bytes: d | qs 16 (indices into IQ4_NL_VALUES)
+    return dict(qs=blocks[..., 2:], d=_f16(blocks[..., 0:2]))
+
+
+def _split_iq4_xs(blocks):
+    # 136 bytes: d | scales_h 2 | scales_l 4 | 8 sub-blocks of 16 bytes, nibble order as q4.
+    R, n = blocks.shape[:2]
+    sc = iq4_xs_scales(blocks[..., 2:4].reshape(-1, 2), blocks[..., 4:8].reshape(-1, 4))
+    return dict(qs=blocks[..., 8:].reshape(R, n * 8, 16), d=_f16(blocks[..., 0:2]),
+                sc=sc.reshape(R, n * 8))
+
+
+def _two_bit_fields(blocks, offset):
+    """Q2_K/Q3_K: the 64 bytes of 2-bit codes at `offset` -> k2 layout [R, K/16, 4] (element
+    j of a sub-block at bits 2 * (j // 4) of byte j % 4), via codes in element order."""
+    R, n = blocks.shape[:2]
+    q = _two_bit_codes(blocks[..., offset:offset + 64].reshape(-1, 64))    # [R*n, 256]
+    q = q.reshape(R, n * 16, 4, 4)                                        # [R, sub, j // 4, j % 4]
+    shift = (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)
+    return np.bitwise_or.reduce(q << shift, axis=2)                      # [R, K/16, 4]
+
+
+def _split_q2_k(blocks):     # 84 bytes: scales 16 | qs 64 | d | dmin
+    R, n = blocks.shape[:2]
+    return dict(qs=_two_bit_fields(blocks, 16), sc=blocks[..., 0:16].reshape(R, n * 16),
+                d=_f16(blocks[..., 80:82]), m=_f16(blocks[..., 82:84]))
+
+
+def _split_q3_k(blocks):     # 110 bytes: hmask 32 | qs 64 | scales 12 | d
+    R, n = blocks.shape[:2]
+    hm = blocks[..., 0:32].reshape(-1, 32, 1)
+    high = np.unpackbits(hm, axis=2, bitorder="little").transpose(0, 2, 1)  # [R*n, b, l]
+    qh = np.packbits(high.reshape(R, n * 16, 16), axis=2, bitorder="little")  # [R, K/16, 2]
+    sc = q3_k_scales(blocks[..., 96:108].reshape(-1, 12))
+    return dict(qs=_two_bit_fields(blocks, 32), qh=qh, sc=sc.reshape(R, n * 16),
+                d=_f16(blocks[..., 108:110]))
+
+
+def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
+    """uint8 [M, 64] -> codes [M, 256]: in half h, element 128h + 32j + l is bits 2j.. of
+    byte 32h + l (gguf/quants.py _two_bit_codes, ggml dequantize_row_q2_K)."""
+    shift = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> shift) & 3).reshape(-1, 256)
+
+
 def _encode_codes(q: np.ndarray, bits: int):
     """Codes [N, K] (bits wide) -> nibbles [N, K/bs, bs/2] and high bits [N, K/bs, 4] (or None),
     with sub-blocks of bs = 16 for 6-bit codes and 32 otherwise (layouts in kernels/qmatmul.py).
@@ -199,6 +271,15 @@ _SPLIT = {
     QT.Q5_K: ("k5", QK_K, 176, _split_q5_k),
     QT.Q6_K: ("k6", QK_K, 210, _split_q6_k),
 }
+# The types of kernels/qmatmul_decoded.py, whose split functions return the fields by name.
+_SPLIT_FIELDS = {
+    QT.Q5_0: ("q5", QK, 22, _split_q5),
+    QT.Q5_1: ("q5", QK, 24, _split_q5),
+    QT.IQ4_NL: ("iq4nl", QK, 18, _split_iq4_nl),
+    QT.Q2_K: ("k2", QK_K, 84, _split_q2_k),
+    QT.Q3_K: ("k3", QK_K, 110, _split_q3_k),
+    QT.IQ4_XS: ("iq4xs", QK_K, 136, _split_iq4_xs),
+}
 
 
 def pack_gguf(raw: np.ndarray, qtype: QT, n_rows: int, n_cols: int, n_threads: int,
@@ -224,7 +305,7 @@ def pack_stacked(parts: list[tuple[np.ndarray, int]], qtype: QT, n_cols: int, n_
         dtype = np.float32 if qtype == QT.F32 else np.uint16
         sources = [np.ascontiguousarray(raw).view(dtype).reshape(n, n_cols) for raw, n in parts]
     else:
-        kind, per_block, nbytes, _ = _SPLIT[qtype]
+        kind, per_block, nbytes, _ = {**_SPLIT, **_SPLIT_FIELDS}[qtype]
         sources = [np.ascontiguousarray(raw).view(np.uint8).reshape(n, n_cols // per_block, nbytes)
                    for raw, n in parts]
     n_rows = sum(n for _, n in parts)
@@ -254,6 +335,9 @@ def _row_range(sources: list[np.ndarray], start: int, stop: int) -> np.ndarray:
 
 def _split_fields(qtype: QT, blocks: np.ndarray, n_cols: int) -> dict[str, np.ndarray]:
     """GGUF blocks [R, blocks per row, block bytes] -> the packed fields of those R rows."""
+    if qtype in _SPLIT_FIELDS:
+        fields = _SPLIT_FIELDS[qtype][3](blocks)
+        return {f: a for f, a in fields.items() if a is not None}
     kind, _, _, split = _SPLIT[qtype]
     R = len(blocks)
     if kind not in K_BITS:
@@ -292,6 +376,17 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
         mn = w.mn if w.mn is not None else _NO_MINS
         dmin = w.m if w.m is not None else _NO_OFFSETS
         matmul_kquant(w.qs, qh, w.sc, mn, w.d, dmin, K_BITS[w.kind], xq, xd, bsums, out)
+    elif w.kind in K_DECODED:
+        xq, xd, bsums = quantize_activations_q8_k(x)
+        qh = w.qh if w.qh is not None else _no_bytes(w.qs)
+        dmin = w.m if w.m is not None else _NO_OFFSETS
+        matmul_k_decoded(K_DECODED[w.kind], w.qs, qh, w.sc, w.d, dmin, _IQ4_TABLE,
+                         xq, xd, bsums, out)
+    elif w.kind in ("q5", "iq4nl"):
+        xq, xd, xs = quantize_activations(x, w.act)
+        qh = w.qh if w.qh is not None else _no_bytes(w.qs)
+        m = w.m if w.m is not None else _NO_OFFSETS
+        matmul_b32_decoded(w.qs, qh, w.d, m, _IQ4_TABLE, xq, xd, xs, out)
     elif w.kind in ("q4", "q8"):
         xq, xd, xs = quantize_activations(x, w.act)
         m = w.m if w.m is not None else _NO_OFFSETS
@@ -308,6 +403,13 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
 _NO_OFFSETS = np.zeros((1, 0, 1), np.uint16)
 _NO_HIGH_BITS = np.zeros((1, 1, 0, 1), np.uint8)
 _NO_MINS = np.zeros((1, 0, 1), np.uint8)
+_IQ4_TABLE = IQ4_NL_VALUES.astype(np.int16)
+
+
+def _no_bytes(qs: np.ndarray) -> np.ndarray:
+    """A per-block field with no bytes, [G, blocks, 0, T]: the kernels slice it per block."""
+    G, nb, _, T = qs.shape
+    return np.zeros((G, nb, 0, T), np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,28 +428,61 @@ def _widen_scales(s: np.ndarray) -> np.ndarray:
     return out
 
 
-def _codes_and_scales(w: PackedMatrix, f: dict[str, np.ndarray]):
-    """Integer codes q [R, K/bs, bs] and float32 scale d and offset m [R, K/bs] per block,
-    w = d * q + m, for the rows `f` of a quantized W (bs = 32, or 16 for k6)."""
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes, q4 order -> codes [..., 32] int64."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+
+
+def _k_parts(w: PackedMatrix, f: dict[str, np.ndarray]):
+    """The integers and scales of a K-kind W's rows `f`:
+        v [R, K] int64 signed weights, sc [R, K/bs] and mn [R, K/bs] (or None) integer sub-block
+        scales and mins, d and dmin (or None) [R, K/256] float32 super-block scales,
+    so that w = d * sc * v - dmin * mn, per sub-block."""
     R = len(f["qs"])
+    sc, mn = f["sc"].astype(np.int64), f.get("mn")
     if w.kind in K_BITS:
         bits = K_BITS[w.kind]
-        q = _decode_codes(f["qs"], f.get("qh"), bits)                   # [R, K]
-        sub = f["sc"].shape[1] // f["d"].shape[1]                        # sub-blocks per 256
-        d = np.repeat(_widen_scales(f["d"]), sub, axis=1) * f["sc"].astype(np.float32)
-        if bits == 6:
-            q, m = q - 32, np.zeros_like(d)
+        v = _decode_codes(f["qs"], f.get("qh"), bits) - (32 if bits == 6 else 0)
+    elif w.kind == "iq4xs":
+        v = IQ4_NL_VALUES[_nibbles(f["qs"])].reshape(R, -1).astype(np.int64)
+    else:                                                      # k2, k3: [R, K/16, 4] bytes
+        shift = (2 * np.arange(4)).reshape(4, 1)
+        v = ((f["qs"][:, :, None, :].astype(np.int64) >> shift) & 3).reshape(R, -1, 16)
+        if w.kind == "k2":
+            sc, mn = sc & 15, sc >> 4
         else:
-            m = -(np.repeat(_widen_scales(f["m"]), sub, axis=1) * f["mn"].astype(np.float32))
-        return q.reshape(R, d.shape[1], -1), d, m
+            high = np.unpackbits(f["qh"], axis=-1, bitorder="little")   # [R, K/16, 16]
+            v = v + 4 * high.astype(np.int64) - 4
+        v = v.reshape(R, -1)
+    dmin = _widen_scales(f["m"]) if "m" in f else None
+    return v, sc, (mn.astype(np.int64) if mn is not None else None), _widen_scales(f["d"]), dmin
+
+
+def _codes_and_scales(w: PackedMatrix, f: dict[str, np.ndarray]):
+    """Integer codes q [R, K/bs, bs] and float32 scale d and offset m [R, K/bs] per block,
+    w = d * q + m, for the rows `f` of a quantized W (bs = the kind's block or sub-block)."""
+    R = len(f["qs"])
+    if w.kind in K_KINDS:
+        v, sc, mn, d_super, dmin = _k_parts(w, f)
+        sub = sc.shape[1] // d_super.shape[1]                            # sub-blocks per 256
+        d = np.repeat(d_super, sub, axis=1) * sc.astype(np.float32)
+        m = np.zeros_like(d) if mn is None else \
+            -(np.repeat(dmin, sub, axis=1) * mn.astype(np.float32))
+        return v.reshape(R, d.shape[1], -1), d, m
     d = _widen_scales(f["d"])
     if "m" in f:
         m = _widen_scales(f["m"])
-    else:                      # Q4_0: w = d * (q - 8); Q8_0: w = d * q
+    else:                      # Q4_0: w = d * (q - 8); others: q is already signed
         m = np.float32(-8.0) * d if w.kind == "q4" else np.zeros_like(d)
     codes = f["qs"]
-    if w.kind == "q4":                                                  # [R, K/32, 16] bytes
-        codes = np.concatenate([codes & 0x0F, codes >> 4], axis=-1)      # [R, K/32, 32]
+    if w.kind in ("q4", "q5", "iq4nl"):                                 # [R, K/32, 16] bytes
+        codes = _nibbles(codes)                                          # [R, K/32, 32]
+    if w.kind == "q5":
+        codes = codes | (np.unpackbits(f["qh"], axis=-1, bitorder="little").astype(np.int64) << 4)
+        if "m" not in f:                                                 # Q5_0: w = d * (q - 16)
+            codes = codes - 16
+    elif w.kind == "iq4nl":
+        codes = IQ4_NL_VALUES[codes].astype(np.int64)
     return codes.astype(np.int64), d, m
 
 
@@ -380,9 +515,9 @@ def matmul_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
                        - dmin[n,s] * xd[b,s] * sum_k(mn[n,k] * bsum[b,k])
     """
     x = np.asarray(x, dtype=np.float32)
-    if w.kind in K_BITS:
+    if w.kind in K_KINDS:
         return _matmul_k_ref(w, x)
-    if w.kind not in ("q4", "q8"):
+    if w.kind not in ("q4", "q5", "q8", "iq4nl"):
         dense = dequantize_packed(w).astype(np.float64)
         return (_round_activations(x, w.act).astype(np.float64) @ dense.T).astype(np.float32)
     B = x.shape[0]
@@ -398,19 +533,16 @@ def matmul_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
 def _matmul_k_ref(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
     B, K = x.shape
     N, S = w.n_rows, K // QK_K
-    f = _gather(w, np.arange(N))
-    bits = K_BITS[w.kind]
-    q = _decode_codes(f["qs"], f.get("qh"), bits) - (32 if bits == 6 else 0)   # [N, K] signed
+    q, sc, mn, d, dmin = _k_parts(w, _gather(w, np.arange(N)))         # [N, K], [N, K/bs] ...
     xq, xd, bsums = quantize_activations_q8_k_ref(x)                    # [B, K], [B, S], [B, K/16]
-    sc = f["sc"].astype(np.int64)                                        # [N, K/bs]
-    bs = K // sc.shape[1]
+    bs = SUB_BLOCK[w.kind]
     isum = np.einsum("bkj,nkj->bnk", xq.reshape(B, -1, bs).astype(np.int64),
                      q.reshape(N, -1, bs))                               # [B, N, K/bs] exact
     itot = (isum * sc[None]).reshape(B, N, S, -1).sum(-1)                # [B, N, S] exact
     dx = xd.astype(np.float64)[:, None, :]                               # [B, 1, S]
-    y = _widen_scales(f["d"]).astype(np.float64)[None] * dx * itot
-    if bits != 6:
-        bsum32 = bsums.reshape(B, -1, 2).sum(-1).astype(np.int64)       # [B, K/32]
-        imin = (bsum32[:, None, :] * f["mn"].astype(np.int64)[None]).reshape(B, N, S, -1)
-        y -= _widen_scales(f["m"]).astype(np.float64)[None] * dx * imin.sum(-1)
+    y = d.astype(np.float64)[None] * dx * itot
+    if mn is not None:
+        bsum = bsums.reshape(B, K // bs, -1).sum(-1).astype(np.int64)   # [B, K/bs]
+        imin = (bsum[:, None, :] * mn[None]).reshape(B, N, S, -1)
+        y -= dmin.astype(np.float64)[None] * dx * imin.sum(-1)
     return y.sum(-1).astype(np.float32)
