@@ -281,6 +281,7 @@ def _inspect_report(model_file: str) -> dict:
     from dataclasses import asdict
 
     from edgelora_np.errors import EdgeLoraError
+    from edgelora_np.gguf.quants import QUANT_TYPES
     from edgelora_np.gguf.reader import open_gguf
     from edgelora_np.model.config import config_from_gguf
 
@@ -289,11 +290,17 @@ def _inspect_report(model_file: str) -> dict:
         cfg, problem = config_from_gguf(gf), None
     except EdgeLoraError as e:                 # still worth describing: it is a valid GGUF
         cfg, problem = None, str(e)
-    by_type: dict[str, dict[str, int]] = {}
+    by_type: dict[str, dict] = {}
     for t in gf.tensors.values():
-        row = by_type.setdefault(t.qtype.name, {"count": 0, "bytes": 0})
+        row = by_type.setdefault(t.qtype.name, {"count": 0, "bytes": 0,
+                                                "supported": t.qtype in QUANT_TYPES})
         row["count"] += 1
         row["bytes"] += int(t.data.nbytes)
+    unreadable = [name for name, row in by_type.items() if not row["supported"]]
+    if unreadable and problem is None:
+        supported = ", ".join(t.name for t in QUANT_TYPES)
+        problem = (f"tensor types edgelora_np cannot read: {', '.join(unreadable)} "
+                   f"(supported: {supported})")
     tensor_bytes = sum(row["bytes"] for row in by_type.values())
     tokens = gf.fields.get("tokenizer.ggml.tokens")
     kv_per_1k = None
@@ -305,7 +312,7 @@ def _inspect_report(model_file: str) -> dict:
         "size_bytes": gf.path.stat().st_size,
         "architecture": gf.fields.get("general.architecture"),
         "name": gf.fields.get("general.name"),
-        "supported": cfg is not None,
+        "supported": problem is None,
         "problem": problem,
         "config": asdict(cfg) if cfg is not None else None,
         "tokenizer": {
@@ -329,16 +336,17 @@ def _format_report(r: dict) -> str:
         f"architecture    {r['architecture']}",
         f"name            {r['name']}",
     ]
-    if r["config"] is None:
+    if r["problem"] is not None:
         lines.append(f"not runnable    {r['problem']}")
-    else:
+    if r["config"] is not None:
         lines += [f"  {key:<16}{value}" for key, value in r["config"].items()]
     tok = r["tokenizer"]
     lines.append(f"tokenizer       {tok['kind']}, {tok['vocab_size']} tokens, chat template "
                  f"{'yes' if tok['chat_template'] else 'no (ChatML is used)'}")
     lines.append(f"tensors         {'type':<8}{'count':>7}{'MiB':>11}")
     for qtype, row in r["tensors"].items():
-        lines.append(f"                {qtype:<8}{row['count']:>7}{row['bytes'] / MIB:>11.2f}")
+        lines.append(f"                {qtype:<8}{row['count']:>7}{row['bytes'] / MIB:>11.2f}"
+                     + ("" if row["supported"] else "   not supported"))
     mem = r["memory"]
     lines.append(f"                {'total':<8}{r['n_tensors']:>7}{mem['weights_bytes'] / MIB:>11.2f}")
     lines.append(f"parameters      {r['parameters']:,} ({r['parameters'] / 1e6:.1f} M)")

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize
 from numba.core.registry import CPUDispatcher
 
-from edgelora_np.kernels import actquant, attention, elementwise, qmatmul
+from edgelora_np.kernels import actquant, attention, elementwise, qmatmul, qmatmul_decoded
 from edgelora_np.kernels.pack import SUPPORTED, PackedMatrix, matmul, pack_gguf, packed_rows
 
 # Synthetic matrices: [N, K] with K one K-quant super-block, N not a multiple of the tile.
@@ -34,9 +34,9 @@ WARM_COLS = 256
 WARM_BATCH = 3        # tokens multiplied at once
 WARM_PROMPT = 8       # prompt tokens of the model warm-up
 
-# gguf-py quantizes these from floats; for the K-quants it has no quantizer, so we use zero blocks.
-_QUANTIZABLE = (QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q8_0)
-_KERNEL_MODULES = (actquant, attention, elementwise, qmatmul)
+# gguf-py quantizes these from floats; for the K and IQ4 types it has no quantizer: zero blocks.
+_QUANTIZABLE = (QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
+_KERNEL_MODULES = (actquant, attention, elementwise, qmatmul, qmatmul_decoded)
 
 
 @dataclass(frozen=True)

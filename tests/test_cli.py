@@ -12,6 +12,8 @@ from pathlib import Path
 import gguf
 import pytest
 from click.testing import CliRunner
+from gguf import GGMLQuantizationType as QT
+from tiny_model import k_spec, write_tiny_model
 
 from edgelora_np.cli import _fit_context, main
 from edgelora_np.default_model import resolve_model_path
@@ -236,7 +238,9 @@ def test_inspect_json(model_path):
     assert report["config"]["n_layers"] == n_layers == 30
     assert report["tokenizer"]["vocab_size"] == n_vocab == 49152
     assert report["tokenizer"]["kind"] == "gpt2" and report["tokenizer"]["chat_template"]
-    assert report["tensors"]["Q4_1"] == {"count": counts["Q4_1"], "bytes": q4_1_bytes}
+    assert report["tensors"]["Q4_1"] == {"count": counts["Q4_1"], "bytes": q4_1_bytes,
+                                         "supported": True}
+    assert report["supported"] and report["problem"] is None
     assert report["n_tensors"] == len(reader.tensors)
     assert report["parameters"] == sum(int(t.n_elements) for t in reader.tensors)
     L, KVH, HD = n_layers, report["config"]["n_kv_heads"], report["config"]["head_dim"]
@@ -245,6 +249,18 @@ def test_inspect_json(model_path):
     text = run("inspect", model_path)
     assert text.exit_code == 0
     assert "Q4_1" in text.stdout and "49152" in text.stdout
+
+
+def test_inspect_names_the_types_it_cannot_read(tmp_path):
+    path = write_tiny_model(tmp_path / "iq.gguf", k_spec(QT.Q4_K),
+                            tensor_types={"blk.1.ffn_up.weight": QT.IQ3_XXS})
+    report = json.loads(run("inspect", "--json", str(path)).stdout)
+    assert report["supported"] is False and "IQ3_XXS" in report["problem"]
+    assert report["tensors"]["IQ3_XXS"]["count"] == 1
+    assert report["tensors"]["IQ3_XXS"]["supported"] is False
+    assert report["tensors"]["Q4_K"]["supported"] is True
+    text = run("inspect", str(path)).stdout
+    assert "cannot read: IQ3_XXS" in text and "not supported" in text
 
 
 @pytest.mark.slow
