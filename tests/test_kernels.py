@@ -160,6 +160,33 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
 
 
+# Each type's fill byte that makes every code its largest magnitude, and its fp16 fields
+# (d first, set to 1; a second one, m or dmin, set to 0).
+EXTREME_BLOCKS = {QT.Q5_0: (0x00, [0]), QT.Q5_1: (0xFF, [0, 2]), QT.IQ4_NL: (0x00, [0]),
+                  QT.Q2_K: (0xFF, [80, 82]), QT.Q3_K: (0x00, [108]), QT.IQ4_XS: (0x00, [0])}
+
+
+@pytest.mark.parametrize("qtype", list(EXTREME_BLOCKS), ids=lambda t: t.name)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_decoded_kernels_integer_sums_at_the_extremes(qtype, batch, sign):
+    """Every weight at its largest magnitude (Q5_0 -16, Q5_1 31, Q2_K 3 * 15, Q3_K -4 * -32,
+    IQ4 -127) against activations quantized to +-127: the int16 partial sums at their bound."""
+    fill, fp16_fields = EXTREME_BLOCKS[qtype]
+    block = np.full(gguf.GGML_QUANT_SIZES[qtype][1], fill, np.uint8)
+    for i, offset in enumerate(fp16_fields):
+        block[offset:offset + 2] = np.frombuffer(np.float16(1.0 if i == 0 else 0.0).tobytes(),
+                                                 np.uint8)
+    n_rows, cols = 20, 512
+    raw = np.tile(block, (n_rows, cols // block_size(qtype)))
+    w = pack.pack_gguf(raw, qtype, n_rows, cols, 2)
+    x = np.full((batch, cols), sign, np.float32)
+    ours = pack.matmul(w, x)
+    expected = sign * pack.dequantize_packed(w).astype(np.float64).sum(axis=1)   # [N]
+    assert np.allclose(ours, pack.matmul_ref(w, x), rtol=1e-6, atol=0)
+    assert np.allclose(ours, expected[None], rtol=1e-3, atol=0)  # activation scales are fp16
+
+
 # --- packed_rows, pack_stacked -----------------------------------------------------------------
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

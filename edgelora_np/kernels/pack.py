@@ -403,7 +403,7 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
 _NO_OFFSETS = np.zeros((1, 0, 1), np.uint16)
 _NO_HIGH_BITS = np.zeros((1, 1, 0, 1), np.uint8)
 _NO_MINS = np.zeros((1, 0, 1), np.uint8)
-_IQ4_TABLE = IQ4_NL_VALUES.astype(np.int16)
+_IQ4_TABLE = IQ4_NL_VALUES.astype(np.int32)   # int32: the kernels' gathers vectorize
 
 
 def _no_bytes(qs: np.ndarray) -> np.ndarray:

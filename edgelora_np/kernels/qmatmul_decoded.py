@@ -8,7 +8,10 @@ block of one tile, the kernel first turns the stored bits into the block's small
 weights, w [bs, T] int16 (shifts, masks and, for the IQ4 types, a 16-entry table lookup: ggml's
 kvalues_iq4nl), then every token of the chunk takes its exact integer dot product with them. The
 decode is paid once per block and tile and shared by the batch; weights stay at file size in
-memory and are never widened to float.
+memory and are never widened to float. Where the products are small (Q5_0/Q5_1: |w| <= 31,
+Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in int16 lanes before widening, as
+matmul_q4 does; the IQ4 levels reach 127, so their sums are int32 from the start (and their
+table lookups vectorize only as 32-bit gathers).
 
 Packed layouts, G = ceil(N / T) tiles, sub-blocks of bs elements:
     q5     (Q5_0, Q5_1; bs 32)
@@ -45,31 +48,76 @@ TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT,
 # The `kind` codes of matmul_k_decoded.
 KIND_K2, KIND_K3, KIND_IQ4XS = 2, 3, 4
 
+# Rows of products summed in int16 before widening, per weight range (|x| <= 127):
+# Q5_0 |w| <= 16: 16 * 16 * 127 = 32512;  Q5_1 w <= 31: 8 * 31 * 127 = 31496;
+# Q2_K, Q3_K |w| <= 4: a whole sub-block of 16 rows, 16 * 4 * 127 = 8128.  All < 2**15.
+ROWS_IN_INT16_Q5_0, ROWS_IN_INT16_Q5_1, ROWS_IN_INT16_K = 16, 8, 16
+
 
 @njit(inline="always")
-def _decode_nibbles(qs_blk, qh_blk, table, zero, w):
-    """One 32-block of a tile -> w [32, T]: q5 (qh with 4 bytes) or iq4nl (qh empty, table)."""
+def _decode_q5(qs_blk, qh_blk, zero, w):
+    """One q5 32-block of a tile -> w [32, T] int16: q | fifth bit << 4, minus `zero`."""
     T = w.shape[1]
-    has_h = qh_blk.shape[0] > 0
     for j in range(16):
         qrow = qs_blk[j]
-        if has_h:
-            hlo, slo = qh_blk[j >> 3], j & 7                  # element j's fifth bit
-            hhi, shi = qh_blk[(j + 16) >> 3], j & 7           # element j + 16's
-            for t in range(T):
-                q = np.int16(qrow[t])
-                w[j, t] = ((q & 15) | (np.int16((hlo[t] >> slo) & 1) << 4)) - zero
-                w[j + 16, t] = ((q >> 4) | (np.int16((hhi[t] >> shi) & 1) << 4)) - zero
-        else:
-            for t in range(T):
-                q = qrow[t]
-                w[j, t] = table[q & 15]
-                w[j + 16, t] = table[q >> 4]
+        hlo, hhi, shift = qh_blk[j >> 3], qh_blk[(j + 16) >> 3], j & 7   # elements j, j + 16
+        for t in range(T):
+            q = np.int16(qrow[t])
+            w[j, t] = ((q & 15) | (np.int16((hlo[t] >> shift) & 1) << 4)) - zero
+            w[j + 16, t] = ((q >> 4) | (np.int16((hhi[t] >> shift) & 1) << 4)) - zero
 
 
 @njit(inline="always")
-def _dot_block(w, xq, b0, nbt, o, isum):
-    """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j] for the nbt tokens, exactly."""
+def _decode_iq4(qs_blk, table, w):
+    """One IQ4 32-block of a tile -> w [32, T] int32: table[q] (int32: a vectorizable gather)."""
+    T = w.shape[1]
+    for j in range(16):
+        qrow = qs_blk[j]
+        for t in range(T):
+            q = np.int32(qrow[t])
+            w[j, t] = table[q & 15]
+            w[j + 16, t] = table[q >> 4]
+
+
+@njit(inline="always")
+def _decode_two_bit(qs_blk, qh_blk, has_h, w):
+    """One k2 or k3 sub-block of 16 of a tile -> w [16, T] int16 (k3 when has_h)."""
+    T = w.shape[1]
+    for j in range(16):
+        qrow = qs_blk[j & 3]
+        shift = 2 * (j >> 2)
+        if has_h:
+            hrow, hshift = qh_blk[j >> 3], j & 7
+            for t in range(T):
+                w[j, t] = np.int16(((qrow[t] >> shift) & 3)
+                                   | (((hrow[t] >> hshift) & 1) << 2)) - np.int16(4)
+        else:
+            for t in range(T):
+                w[j, t] = np.int16((qrow[t] >> shift) & 3)
+
+
+@njit(inline="always")
+def _dot_int16(w, xq, b0, nbt, o, rows, psum, isum):
+    """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j], exactly: `rows` rows at a time in int16
+    (psum), then widened."""
+    bs, T = w.shape
+    for bb in range(nbt):
+        irow, prow = isum[bb], psum[bb]
+        irow[:] = 0
+        for j0 in range(0, bs, rows):
+            prow[:] = 0
+            for j in range(j0, j0 + rows):
+                x = np.int16(xq[b0 + bb, o + j])
+                wrow = w[j]
+                for t in range(T):
+                    prow[t] = np.int16(prow[t] + wrow[t] * x)
+            for t in range(T):
+                irow[t] += np.int32(prow[t])
+
+
+@njit(inline="always")
+def _dot_int32(w, xq, b0, nbt, o, isum):
+    """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j] in int32."""
     bs, T = w.shape
     for bb in range(nbt):
         row = isum[bb]
@@ -78,31 +126,39 @@ def _dot_block(w, xq, b0, nbt, o, isum):
             x = np.int32(xq[b0 + bb, o + j])
             wrow = w[j]
             for t in range(T):
-                row[t] += np.int32(wrow[t]) * x
+                row[t] += wrow[t] * x
 
 
 @njit(parallel=True, cache=True)
 def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
-    """out [B, N] for a q5 or iq4nl W. q5: `table` is empty, `m` has a zero-length block axis
-    for Q5_0 (w = d * (q - 16)); iq4nl: `qh` has a zero-length byte axis, `table` the levels."""
+    """out [B, N] for a q5 or iq4nl W. q5: `m` has a zero-length block axis for Q5_0
+    (w = d * (q - 16)); iq4nl: `qh` has a zero-length byte axis and `table` holds the levels."""
     G, nb, _, T = qs.shape
     B = xq.shape[0]
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    zero = np.int16(16) if qh.shape[2] > 0 and not has_m else np.int16(0)
+    is_q5 = qh.shape[2] > 0
+    zero = np.int16(0) if has_m else np.int16(16)
+    rows = ROWS_IN_INT16_Q5_1 if has_m else ROWS_IN_INT16_Q5_0
     accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    ws = np.empty((G, 32, T), np.int16)
+    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
+    w16s = np.empty((G, 32, T), np.int16)
+    w32s = np.empty((G, 32, T), np.int32)
     dws = np.empty((G, T), np.float32)
     mws = np.zeros((G, T), np.float32)
     for g in prange(G):
-        acc, isum, w, dw, mw = accs[g], isums[g], ws[g], dws[g], mws[g]
+        acc, isum, psum, dw, mw = accs[g], isums[g], psums[g], dws[g], mws[g]
         for b0 in range(0, B, TOKEN_CHUNK):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
             for ib in range(nb):
-                _decode_nibbles(qs[g, ib], qh[g, ib], table, zero, w)
-                _dot_block(w, xq, b0, nbt, ib * 32, isum)
+                if is_q5:
+                    _decode_q5(qs[g, ib], qh[g, ib], zero, w16s[g])
+                    _dot_int16(w16s[g], xq, b0, nbt, ib * 32, rows, psum, isum)
+                else:
+                    _decode_iq4(qs[g, ib], table, w32s[g])
+                    _dot_int32(w32s[g], xq, b0, nbt, ib * 32, isum)
                 for t in range(T):
                     dw[t] = f16_to_f32(d[g, ib, t])
                 if has_m:
@@ -115,33 +171,9 @@ def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
                     irow = isum[bb]
                     for t in range(T):
                         arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
-            rows = min(T, N - g * T)
+            rows_out = min(T, N - g * T)
             for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
-
-
-@njit(inline="always")
-def _decode_sub_block(kind, qs_blk, qh_blk, table, w):
-    """One sub-block of a tile -> w [bs, T] signed weights without scales (layouts above)."""
-    T = w.shape[1]
-    if kind == KIND_IQ4XS:
-        for j in range(16):
-            qrow = qs_blk[j]
-            for t in range(T):
-                q = qrow[t]
-                w[j, t] = table[q & 15]
-                w[j + 16, t] = table[q >> 4]
-        return
-    for j in range(16):
-        qrow = qs_blk[j & 3]
-        shift = 2 * (j >> 2)
-        if kind == KIND_K2:
-            for t in range(T):
-                w[j, t] = np.int16((qrow[t] >> shift) & 3)
-        else:
-            hrow, hshift = qh_blk[j >> 3], j & 7
-            for t in range(T):
-                w[j, t] = np.int16(((qrow[t] >> shift) & 3) | (((hrow[t] >> hshift) & 1) << 2)) - 4
+                out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
 
 
 @njit(parallel=True, cache=True)
@@ -156,13 +188,15 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
     N = out.shape[1]
     accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
+    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
     itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    imins = np.zeros((G, TOKEN_CHUNK, T), np.int32)
-    ws = np.empty((G, bs, T), np.int16)
+    imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
+    w16s = np.empty((G, 16, T), np.int16)
+    w32s = np.empty((G, 32, T), np.int32)
     scs = np.empty((G, 2, T), np.int32)
-    dws = np.empty((G, 2, T), np.float32)
+    dws = np.zeros((G, 2, T), np.float32)
     for g in prange(G):
-        acc, isum, itot, imin, w = accs[g], isums[g], itots[g], imins[g], ws[g]
+        acc, isum, psum, itot, imin = accs[g], isums[g], psums[g], itots[g], imins[g]
         s, mn = scs[g, 0], scs[g, 1]                # the sub-block's scale and (Q2_K) min
         dw, mw = dws[g, 0], dws[g, 1]               # the super-block's d and (Q2_K) dmin
         for b0 in range(0, B, TOKEN_CHUNK):
@@ -170,9 +204,14 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
             acc[:nbt] = 0.0
             for isb in range(nsub // per_super):
                 itot[:nbt] = 0
+                imin[:nbt] = 0
                 for ib in range(isb * per_super, (isb + 1) * per_super):
-                    _decode_sub_block(kind, qs[g, ib], qh[g, ib], table, w)
-                    _dot_block(w, xq, b0, nbt, ib * bs, isum)
+                    if kind == KIND_IQ4XS:
+                        _decode_iq4(qs[g, ib], table, w32s[g])
+                        _dot_int32(w32s[g], xq, b0, nbt, ib * bs, isum)
+                    else:
+                        _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16s[g])
+                        _dot_int16(w16s[g], xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
                     if kind == KIND_K2:
                         for t in range(T):
                             s[t] = np.int32(sc[g, ib, t] & 15)
@@ -180,8 +219,6 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
                         for bb in range(nbt):
                             bsum = bsums[b0 + bb, ib]
                             tot, mins, row = itot[bb], imin[bb], isum[bb]
-                            if ib == isb * per_super:
-                                mins[:] = 0
                             for t in range(T):
                                 tot[t] += s[t] * row[t]
                                 mins[t] += mn[t] * bsum
@@ -197,18 +234,11 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
                 if kind == KIND_K2:
                     for t in range(T):
                         mw[t] = f16_to_f32(dmin[g, isb, t])
-                    for bb in range(nbt):
-                        dx = xd[b0 + bb, isb]
-                        arow, tot, mins = acc[bb], itot[bb], imin[bb]
-                        for t in range(T):
-                            arow[t] += dw[t] * dx * np.float32(tot[t]) \
-                                - mw[t] * dx * np.float32(mins[t])
-                else:
-                    for bb in range(nbt):
-                        dx = xd[b0 + bb, isb]
-                        arow, tot = acc[bb], itot[bb]
-                        for t in range(T):
-                            arow[t] += dw[t] * dx * np.float32(tot[t])
-            rows = min(T, N - g * T)
+                for bb in range(nbt):
+                    dx = xd[b0 + bb, isb]
+                    arow, tot, mins = acc[bb], itot[bb], imin[bb]
+                    for t in range(T):
+                        arow[t] += dw[t] * dx * np.float32(tot[t]) - mw[t] * dx * np.float32(mins[t])
+            rows_out = min(T, N - g * T)
             for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
+                out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
