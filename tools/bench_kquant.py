@@ -1,12 +1,13 @@
-"""K-quant models: resident memory against the file size, and logits and speed against llama.cpp.
+"""Every quant type: resident memory against the file size, and logits and speed against llama.cpp.
 
-    python tools/bench_kquant.py [--workdir DIR] [--threads 2]      (also run by tox -e bench)
+    python tools/bench_kquant.py [--threads 2] [--types Q4_K,IQ4_NL]   (also run by tox -e bench)
 
-The default model cannot show this: SmolLM2-135M's width (576) is not a multiple of 256, so
-llama.cpp stores its "K-quant" files mostly as Q5_0/Q8_0. This tool writes a random llama
-model whose every matrix has whole 256-blocks (tests/tiny_model.py, F16, 8 layers, width 1024)
-and has llama.cpp itself quantize it, `pure` (every matrix the same type), to Q4_K, Q5_K and
-Q6_K: real llama.cpp blocks, not ones we made. For each file it reports
+The default model cannot show most types: SmolLM2-135M's width (576) is not a multiple of 256,
+so llama.cpp stores its "K-quant" files mostly as Q5_0/Q5_1/Q8_0/IQ4_NL. This tool uses the
+random llama model whose every matrix has whole 256-blocks (tests/tiny_model.py, F16, 8 layers,
+width 1024), quantized by llama.cpp's own llama-quantize, `pure` (every matrix the same type),
+to each type: real llama.cpp blocks, not ones we made (the files of tests/llama_quantized.py).
+It adds SmolLM2's Q4_K_M, the file its users download. For each file it reports
   - the bytes of the repacked weights and the RSS the load adds, against the file size;
   - our logits against llama.cpp's on the same tokens (mean and max |difference|, top-1 agreement);
   - prefill and decode tok/s of both (tools/bench_vs_llamacpp.py, each in its own process).
@@ -15,7 +16,6 @@ Q6_K: real llama.cpp blocks, not ones we made. For each file it reports
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import tempfile
@@ -25,43 +25,32 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+import llama_quantized as lq  # noqa: E402
 from benchutil import current_rss_mb, run_child, warm_edgelora  # noqa: E402
 
-SPEC = dict(n_layers=8, dim=1024, n_heads=16, n_kv_heads=4, ffn_dim=2816, vocab=960,
-            context=512, tied=False, seed=7)
-TYPES = ("Q4_K", "Q5_K", "Q6_K")
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q5_0", "Q5_1",
+         "SmolLM2-Q4_K_M")
+
 N_TOKENS = 64
 CTX = 512
 
 
-def make_models(workdir: Path) -> dict[str, Path]:
-    """The F16 random model, and llama.cpp's pure K-quant conversions of it."""
-    import llama_cpp
+def make_models(types: list[str]) -> dict[str, Path]:
+    """llama.cpp's pure conversions of the random model to `types`, and SmolLM2's Q4_K_M."""
     from gguf import GGMLQuantizationType as QT
-    from tiny_model import TinySpec, write_tiny_model
 
-    source = workdir / "random-f16.gguf"
-    if not source.exists():
-        write_tiny_model(source, TinySpec(qtype=QT.F16, **SPEC))
-    out = {}
-    for name in TYPES:
-        path = workdir / f"random-{name}.gguf"
-        if not path.exists():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}_M"
-                                   if name != "Q6_K" else "LLAMA_FTYPE_MOSTLY_Q6_K")
-            params.pure = True
-            params.nthread = 2
-            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(),
-                                                ctypes.byref(params))
-            if rc != 0:
-                sys.exit(f"llama_model_quantize {name} failed ({rc})")
-        out[name] = path
+    out = {name: lq.random_model_file(QT[name]) for name in types if name != "SmolLM2-Q4_K_M"}
+    if "SmolLM2-Q4_K_M" in types:
+        out["SmolLM2-Q4_K_M"] = lq.default_model_file("Q4_K_M")
     return out
 
 
-def token_ids() -> list[int]:
-    return np.random.default_rng(0).integers(3, SPEC["vocab"], N_TOKENS).tolist()
+def token_ids(model: str) -> list[int]:
+    """64 tokens: of the base-model goldens' long prompt for SmolLM2, random for the random model."""
+    if "SmolLM2" in Path(model).name:
+        golden = np.load(Path(__file__).parent.parent / "tests" / "data" / "golden_logits.npz")
+        return golden["long/tokens"][:N_TOKENS].tolist()
+    return lq.random_tokens(N_TOKENS)
 
 
 def run_edgelora(model: str, threads: int, logits_out: str) -> dict:
@@ -72,7 +61,7 @@ def run_edgelora(model: str, threads: int, logits_out: str) -> dict:
     # Kernels are compiled and cached already (warm_edgelora): no warm-up inside the measurement.
     m = el.load_model(model, n_threads=threads, n_ctx=CTX, progress=False, warm=False)
     loaded = current_rss_mb()
-    np.save(logits_out, m.logits(token_ids()))
+    np.save(logits_out, m.logits(token_ids(model)))
     return {"weights_mb": m.llama.weights.nbytes / 1e6, "load_rss_mb": loaded - before}
 
 
@@ -82,7 +71,7 @@ def run_llamacpp(model: str, threads: int, logits_out: str) -> dict:
     llm = llama_cpp.Llama(model, n_ctx=CTX, n_batch=CTX, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, flash_attn=False,
                           verbose=False)
-    ids = token_ids()
+    ids = token_ids(model)
     llm.eval(ids)
     np.save(logits_out, np.array(llm.scores[:len(ids)], np.float32))
     return {}
@@ -102,7 +91,7 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--types", default=",".join(TYPES), help="comma-separated, of " + ",".join(TYPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=["edgelora", "llamacpp"])
     ap.add_argument("--model")
@@ -115,9 +104,8 @@ def main() -> None:
 
     from edgelora_np.gguf.reader import open_gguf
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgelora_kquant_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    models = make_models(workdir)
+    workdir = Path(tempfile.mkdtemp(prefix="edgelora_kquant_"))
+    models = make_models(args.types.split(","))
     bench = str(Path(__file__).parent / "bench_vs_llamacpp.py")
     rows = []
     for name, path in models.items():
@@ -139,7 +127,8 @@ def main() -> None:
                          **compare(ours["logits"], logits["llamacpp"]["logits"]),
                          speed=speed))
 
-    print(f"random llama {SPEC}, llama.cpp `pure` quantization, {args.threads} threads\n")
+    print(f"random llama {lq.RANDOM_SPEC}, llama.cpp `pure` quantization, and SmolLM2-135M "
+          f"Q4_K_M; {args.threads} threads\n")
     print("| type | file MB | repacked weights MB | load adds RSS MB | mean / max logit diff "
           "(logit std) | top-1 agree (largest lead where not) | prefill ours / llama.cpp "
           "| decode ours / llama.cpp |")

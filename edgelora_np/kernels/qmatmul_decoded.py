@@ -53,6 +53,12 @@ KIND_K2, KIND_K3, KIND_IQ4XS = 2, 3, 4
 # Q2_K, Q3_K |w| <= 4: a whole sub-block of 16 rows, 16 * 4 * 127 = 8128.  All < 2**15.
 ROWS_IN_INT16_Q5_0, ROWS_IN_INT16_Q5_1, ROWS_IN_INT16_K = 16, 8, 16
 
+# Multipliers that move bit s of a byte to bit 7 (TO_BIT_7[s]) and bits 2i..2i+1 to bits 6..7
+# (TO_BITS_67[i]) in 16-bit lanes. A shift by a loop-invariant but non-constant amount makes
+# LLVM widen the whole loop to 64-bit lanes; a multiply read from a table stays in 16-bit ones.
+TO_BIT_7 = np.array([1 << (7 - s) for s in range(8)], np.int16)
+TO_BITS_67 = np.array([1 << (6 - 2 * i) for i in range(4)], np.int16)
+
 
 @njit(inline="always")
 def _decode_q5(qs_blk, qh_blk, zero, w):
@@ -60,11 +66,14 @@ def _decode_q5(qs_blk, qh_blk, zero, w):
     T = w.shape[1]
     for j in range(16):
         qrow = qs_blk[j]
-        hlo, hhi, shift = qh_blk[j >> 3], qh_blk[(j + 16) >> 3], j & 7   # elements j, j + 16
+        hlo, hhi = qh_blk[j >> 3], qh_blk[(j + 16) >> 3]     # fifth bits of elements j, j + 16
+        p = TO_BIT_7[j & 7]                                   # both at bit j % 8
         for t in range(T):
             q = np.int16(qrow[t])
-            w[j, t] = ((q & 15) | (np.int16((hlo[t] >> shift) & 1) << 4)) - zero
-            w[j + 16, t] = ((q >> 4) | (np.int16((hhi[t] >> shift) & 1) << 4)) - zero
+            a = np.int16((np.int16(hlo[t]) * p) >> 3) & np.int16(16)
+            b = np.int16((np.int16(hhi[t]) * p) >> 3) & np.int16(16)
+            w[j, t] = np.int16(((q & 15) | a) - zero)
+            w[j + 16, t] = np.int16(((q >> 4) | b) - zero)
 
 
 @njit(inline="always")
@@ -85,15 +94,16 @@ def _decode_two_bit(qs_blk, qh_blk, has_h, w):
     T = w.shape[1]
     for j in range(16):
         qrow = qs_blk[j & 3]
-        shift = 2 * (j >> 2)
+        p = TO_BITS_67[j >> 2]                                # element j: bits 2(j // 4)..
         if has_h:
-            hrow, hshift = qh_blk[j >> 3], j & 7
+            hrow, ph = qh_blk[j >> 3], TO_BIT_7[j & 7]       # third bit: bit j % 8
             for t in range(T):
-                w[j, t] = np.int16(((qrow[t] >> shift) & 3)
-                                   | (((hrow[t] >> hshift) & 1) << 2)) - np.int16(4)
+                low = np.int16((np.int16(qrow[t]) * p) >> 6) & np.int16(3)
+                high = np.int16((np.int16(hrow[t]) * ph) >> 5) & np.int16(4)
+                w[j, t] = np.int16((low | high) - 4)
         else:
             for t in range(T):
-                w[j, t] = np.int16((qrow[t] >> shift) & 3)
+                w[j, t] = np.int16((np.int16(qrow[t]) * p) >> 6) & np.int16(3)
 
 
 @njit(inline="always")
