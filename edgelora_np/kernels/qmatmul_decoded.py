@@ -70,8 +70,8 @@ def _decode_q5(qs_blk, qh_blk, zero, w):
         p = TO_BIT_7[j & 7]                                   # both at bit j % 8
         for t in range(T):
             q = np.int16(qrow[t])
-            a = np.int16((np.int16(hlo[t]) * p) >> 3) & np.int16(16)
-            b = np.int16((np.int16(hhi[t]) * p) >> 3) & np.int16(16)
+            a = (np.int16(np.int16(hlo[t]) * p) >> 3) & np.int16(16)
+            b = (np.int16(np.int16(hhi[t]) * p) >> 3) & np.int16(16)
             w[j, t] = np.int16(((q & 15) | a) - zero)
             w[j + 16, t] = np.int16(((q >> 4) | b) - zero)
 
@@ -98,12 +98,12 @@ def _decode_two_bit(qs_blk, qh_blk, has_h, w):
         if has_h:
             hrow, ph = qh_blk[j >> 3], TO_BIT_7[j & 7]       # third bit: bit j % 8
             for t in range(T):
-                low = np.int16((np.int16(qrow[t]) * p) >> 6) & np.int16(3)
-                high = np.int16((np.int16(hrow[t]) * ph) >> 5) & np.int16(4)
+                low = (np.int16(np.int16(qrow[t]) * p) >> 6) & np.int16(3)
+                high = (np.int16(np.int16(hrow[t]) * ph) >> 5) & np.int16(4)
                 w[j, t] = np.int16((low | high) - 4)
         else:
             for t in range(T):
-                w[j, t] = np.int16((np.int16(qrow[t]) * p) >> 6) & np.int16(3)
+                w[j, t] = (np.int16(np.int16(qrow[t]) * p) >> 6) & np.int16(3)
 
 
 @njit(inline="always")
