@@ -114,7 +114,8 @@ def test_matmul_matches_reference(qtype, batch):
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q6_K, QT.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL, QT.Q2_K, QT.Q3_K,
+                                   QT.Q6_K, QT.IQ4_XS, QT.F16], ids=lambda t: t.name)
 def test_matmul_same_result_for_any_tiling(qtype):
     x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
     one = pack.matmul(packed(qtype, 100, 256, seed=0, n_threads=1), x)
