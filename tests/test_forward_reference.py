@@ -41,6 +41,9 @@ SPECS = {
     "Q4_0-untied": TinySpec(qtype=QT.Q4_0, tied=False),
     "Q4_1": TinySpec(qtype=QT.Q4_1),
     "Q4_0+Q8_0-embd": TinySpec(qtype=QT.Q4_0, embd_qtype=QT.Q8_0, tied=False),
+    "Q5_0": TinySpec(qtype=QT.Q5_0),
+    "Q5_1-untied": TinySpec(qtype=QT.Q5_1, tied=False),
+    "IQ4_NL": TinySpec(qtype=QT.IQ4_NL),
 }
 # K-quants need rows of whole 256-blocks (D=256, F=512): too slow for the no-JIT run.
 K_SPECS = {
@@ -48,6 +51,9 @@ K_SPECS = {
     "Q5_K": k_spec(QT.Q5_K, tied=False),
     "Q6_K": k_spec(QT.Q6_K),
     "Q4_0+Q6_K-embd": k_spec(QT.Q4_0, embd_qtype=QT.Q6_K, tied=False),
+    "Q2_K": k_spec(QT.Q2_K),
+    "Q3_K": k_spec(QT.Q3_K, tied=False),
+    "IQ4_XS": k_spec(QT.IQ4_XS),
 }
 N_TOKENS = 32
 

@@ -6,7 +6,12 @@ The files are those of tests/llama_quantized.py: the default model requantized t
 but IQ1-IQ3, and the random 1024-wide model quantized `pure` to each type llama.cpp falls back to
 or that needs whole 256-blocks. For each file this writes its sha256 and tensor type counts (read
 with gguf-py) and, per prompt and position, llama.cpp's top-TOP_K logits (ids and values) and its
-logits at SAMPLE fixed vocabulary ids, into tests/data/golden_quants.npz (about 1 MB).
+logits at SAMPLE fixed vocabulary ids, into tests/data/golden_quants.npz (about 2 MB). The default
+model's prompts are the base-model goldens' seven (tools/make_golden.py).
+
+It also records how far llama.cpp is from itself on each file: the same prompts evaluated in
+batches of SELF_BATCH tokens instead of all at once change which activations round which way
+(docs/benchmarks.md compares that with our distance from llama.cpp).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import llama_quantized as lq  # noqa: E402
 from make_golden import PROMPTS  # noqa: E402
 
-DEFAULT_PROMPTS = ("story", "code", "chat")
-TOP_K = 16
-SAMPLE = 256
+DEFAULT_PROMPTS = tuple(PROMPTS)
+TOP_K = 8
+SAMPLE = 64
+SELF_BATCH = 8
 SAMPLE_SEED = 20261130
 
 
@@ -42,11 +48,13 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def llama_logits(path: Path, token_lists: list[list[int]], threads: int) -> list[np.ndarray]:
+def llama_logits(path: Path, token_lists: list[list[int]], threads: int,
+                 n_batch: int = 512) -> list[np.ndarray]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=threads,
-                          n_threads_batch=threads, flash_attn=False, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=n_batch, n_ubatch=n_batch,
+                          logits_all=True, n_threads=threads, n_threads_batch=threads,
+                          flash_attn=False, verbose=False)
     out = []
     for tokens in token_lists:
         llm.reset()
@@ -92,9 +100,15 @@ def main() -> None:
                               "tensor_types": tensor_types(path)}
         token_lists = list(prompts.values()) if kind == "default" else [lq.random_tokens()]
         sample = arrays[f"{kind}/sample_ids"]
-        for prompt, logits in zip(prompts if kind == "default" else ["tokens"],
-                                  llama_logits(path, token_lists, args.threads)):
+        full = llama_logits(path, token_lists, args.threads)
+        for prompt, logits in zip(prompts if kind == "default" else ["tokens"], full):
             summarize(f"{key}/{prompt}", logits, sample, arrays)
+        split = np.concatenate(llama_logits(path, token_lists, args.threads, SELF_BATCH))
+        full = np.concatenate(full)
+        diff = np.abs(split - full)
+        meta["files"][key]["llama_cpp_vs_itself"] = {
+            "batch": SELF_BATCH, "mean_diff": float(diff.mean()), "max_diff": float(diff.max()),
+            "top1": float((split.argmax(-1) == full.argmax(-1)).mean())}
         print(f"  {key}: {meta['files'][key]['tensor_types']}", file=sys.stderr)
     arrays["meta_json"] = np.array(json.dumps(meta))
     np.savez_compressed(args.out, **arrays)
