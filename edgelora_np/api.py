@@ -58,7 +58,7 @@ class Model:
         numba.set_num_threads(self.n_threads)
         gf = open_gguf(self.path)
         self.config: LlamaConfig = config_from_gguf(gf)
-        self.tokenizer = Tokenizer.from_gguf_fields(gf.fields)
+        self.tokenizer = Tokenizer.from_gguf(gf)
         self.metadata = {k: v for k, v in gf.fields.items() if not isinstance(v, list)}
         if warm and not numba.config.DISABLE_JIT:
             # Kernels first, while little else is resident: then the compiler's pages can go.

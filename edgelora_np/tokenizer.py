@@ -134,6 +134,14 @@ class Tokenizer:
                if k == TokenType.CONTROL and t in END_OF_TURN_TEXTS})
 
     @classmethod
+    def from_gguf(cls, gf) -> Tokenizer:
+        """From an open GGUF file (gguf/reader.py); errors name the file."""
+        try:
+            return cls.from_gguf_fields(gf.fields)
+        except TokenizerError as e:
+            raise TokenizerError(f"{gf.path}: {e}") from None
+
+    @classmethod
     def from_gguf_fields(cls, fields: dict) -> Tokenizer:
         """Build from GGUF metadata, given as a plain dict of key -> Python value."""
         model = _required(fields, "tokenizer.ggml.model", str)
