@@ -111,7 +111,11 @@ class Model:
         return np.concatenate(out)
 
     def _check_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        except (OverflowError, ValueError, TypeError):      # 2^64, ragged lists, non-numbers
+            raise EdgeLoraError(f"token ids must be a flat list of integers in "
+                                f"0..{self.config.vocab_size - 1}") from None
         if len(ids) == 0:
             raise EdgeLoraError("no tokens given")
         if len(ids) > self.n_ctx:

@@ -106,6 +106,12 @@ def _check_real(name: str, value: object) -> None:
         raise SamplingError(f"{name} must be finite, got {value!r}")
 
 
+# Bounds on stop strings: every generated token is matched against each of them on the engine
+# thread, so an unbounded list (10,000 strings) would slow every other request down.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
+
+
 def _check_stop_strings(stop: object) -> tuple[str, ...]:
     if isinstance(stop, str):
         raise SamplingError(
@@ -114,7 +120,13 @@ def _check_stop_strings(stop: object) -> tuple[str, ...]:
     if not isinstance(stop, Iterable):
         raise SamplingError(f"stop must be a list of strings, got {stop!r}")
     stop = tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise SamplingError(f"stop holds {len(stop)} strings, at most {MAX_STOP_STRINGS} are "
+                            f"allowed (each is checked against every generated token)")
     for s in stop:
+        if isinstance(s, str) and len(s) > MAX_STOP_CHARS:
+            raise SamplingError(f"stop strings may be at most {MAX_STOP_CHARS} characters, got "
+                                f"one of {len(s)}")
         if not isinstance(s, str) or s == "":
             raise SamplingError(f"stop strings must be non-empty str, got {s!r} in stop={stop!r}")
     return stop

@@ -217,6 +217,11 @@ class Tokenizer:
         """Token ids of `text`. `special=True` parses control-token texts like "<|im_start|>"."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:       # a lone surrogate ("\ud800"): not UTF-8 text
+            raise TokenizerError(f"text is not valid Unicode: {e.reason} at character "
+                                 f"{e.start}") from None
         with self._hf_lock:
             self._hf.encode_special_tokens = not special
             ids = self._hf.encode(text, add_special_tokens=False).ids

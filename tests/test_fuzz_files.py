@@ -7,8 +7,8 @@ valid file and load it the way the engine does:
     gguf_lora    a GGUF-LoRA file: load_adapter, then pack (what an import does)
     peft         a PEFT directory: the safetensors bytes and JSON header, adapter_config.json
     store_file   a .ela file of a store: its bytes and JSON header, optionally the index agreeing
-    store_index  index.sqlite: its columns set to hostile values, or its bytes flipped;
-                 then the store is listed and every adapter loaded into a pool
+    store_index  index.sqlite: its columns set to hostile values, or its bytes flipped
+                 (both store cases then list the store and load every adapter into a pool)
 
 Each case ends in success or an EdgeLoraError naming the file, never another exception, and
 allocates at most a few times the file's size (check_case). Below the fuzzers, the regression
@@ -204,11 +204,14 @@ layout_values = st.one_of(
     st.lists(st.integers(-2, 2**20) | st.sampled_from([2**40, 2**63]), max_size=4),
     st.integers(-2**63, 2**63) | st.sampled_from([0, 64, 2**40, -64]), json_values)
 
-store_ops = st.lists(st.one_of(
+ela_ops = st.lists(st.one_of(
     st.tuples(st.just("ela_bytes"), mutations),
     st.tuples(st.just("ela_header"), st.sampled_from(ELA_KEYS), json_values, st.booleans()),
     st.tuples(st.just("ela_group"), st.sampled_from(["qkv", "o", "gate_up", "down", "zz"]),
               st.sampled_from(GROUP_FIELDS), layout_values, st.booleans()),
+), min_size=1, max_size=3)
+
+index_ops = st.lists(st.one_of(
     st.tuples(st.just("index_column"), st.sampled_from(
         ["name", "fingerprint", "groups", "nbytes", "crc32", "card", "source", "scale"]),
         json_values | st.binary(max_size=16) | st.integers(-2**63, 2**63 - 1)),
@@ -312,15 +315,25 @@ def load_store(root):
         store.close()
 
 
-@FUZZ
-@given(ops=store_ops)
-def test_fuzz_store(files, ops):
+def _store_case(files, ops):
     root = files["scratch"] / "fz_store"
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(files["store"], root)
     mutate_store(root, ops)
     _record(check_case(lambda: load_store(root), names="fz_store", size=tree_size(root),
                        factor=FACTORS["store"]))
+
+
+@FUZZ
+@given(ops=ela_ops)
+def test_fuzz_store_file(files, ops):
+    _store_case(files, ops)
+
+
+@FUZZ
+@given(ops=index_ops)
+def test_fuzz_store_index(files, ops):
+    _store_case(files, ops)
 
 
 # --- the originals load, so the fuzzers start from valid files ------------------------------------

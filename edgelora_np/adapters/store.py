@@ -201,7 +201,7 @@ class AdapterStore:
             self._db = sqlite3.connect(index, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:   # a corrupted schema's text
             raise AdapterError(f"{index}: unreadable store index: {e}") from None
         self.data.mkdir(exist_ok=True)
 
@@ -214,7 +214,7 @@ class AdapterStore:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as e:
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
                 raise AdapterError(f"{self.root}/index.sqlite: {e}") from None
 
     def _row(self, r) -> StoredAdapter:
