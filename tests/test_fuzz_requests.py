@@ -4,8 +4,8 @@ hand-written malformed requests. Every answer is a 2xx or a 4xx with an error me
 
 The server runs in this process (tests/test_server.py's InProcessServer) around the session's
 real model, with --max-tokens 4 so that a fuzzed request asking for millions of tokens costs
-at most four. schemathesis runs EDGELORA_FUZZ_REQUESTS cases per endpoint (10 here;
-`tox -e fuzz` sets 100, more than 1,000 over the API's endpoints).
+at most four. schemathesis runs EDGELORA_FUZZ_REQUESTS cases per endpoint that takes input
+(10 here; `tox -e fuzz` sets 150: over 1,000 in all).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -48,13 +49,14 @@ def operations(url):
 
 
 def test_schemathesis_every_endpoint(live):
-    """EDGELORA_FUZZ_REQUESTS cases per endpoint, schema-valid and not; each response is checked
-    for 5xx and against its declared status codes, content type and schema."""
+    """EDGELORA_FUZZ_REQUESTS cases per endpoint, schema-valid and schema-violating (schemathesis'
+    positive and negative modes); each response is checked for 5xx and against its declared
+    status codes, content type and schema."""
     tried: dict[str, int] = {}
     ops = operations(live)
     assert len(ops) >= 10
     for op in ops:
-        @given(case=op.as_strategy())
+        @given(case=op.as_strategy(GenerationMode.POSITIVE) | op.as_strategy(GenerationMode.NEGATIVE))
         @settings(max_examples=REQUESTS_PER_ENDPOINT, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case):
@@ -62,7 +64,7 @@ def test_schemathesis_every_endpoint(live):
             case.validate_response(response, checks=CHECKS)
             if response.status_code >= 400:
                 assert response.json()["error"]["message"]
-            tried[op.label] = tried.get(op.label, 0) + 1
+            tried[case.operation.label] = tried.get(case.operation.label, 0) + 1
         run()
     print("schemathesis cases per endpoint:", json.dumps(tried, indent=1),
           "total", sum(tried.values()))

@@ -392,6 +392,9 @@ class AdapterStore:
         name = check_name(name or (source.name if source.is_dir() else source.stem))
         if not source.exists():
             raise AdapterError(f"adapter {name!r}: source {source} not found")
+        if not (source.is_file() or source.is_dir()):      # reading a FIFO or device never ends
+            raise AdapterError(f"adapter {name!r}: source {source} is not a regular file or "
+                               "directory")
         sha = _source_sha256(source)
         card = {**read_card(source), **(card or {})}
         if not force and name in self:
