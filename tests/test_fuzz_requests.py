@@ -139,11 +139,14 @@ def test_malformed_requests_are_4xx_with_a_message(live, name):
 
 
 @pytest.mark.parametrize("extra", [{"seed": 2**70}, {"top_k": 2**63}, {"max_tokens": 2**70},
-                                   {"repeat_last_n": 2**40}], ids=str)
+                                   {"repeat_last_n": 2**40}, {"temperature": 1e-300},
+                                   {"temperature": 1e308}], ids=str)
 def test_huge_but_legal_numbers_are_served(live, extra):
-    r = httpx.post(f"{live}/v1/completions", json={"prompt": "hi", "max_tokens": 1, **extra},
+    # temperature 1e-300 used to raise IndexError on the engine thread: every request failed.
+    r = httpx.post(f"{live}/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra},
                    timeout=120)
     assert r.status_code == 200, r.text
+    assert httpx.get(f"{live}/health", timeout=30).status_code == 200
 
 
 def test_unicode_garbage_prompts_are_served(live):
