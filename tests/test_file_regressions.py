@@ -263,3 +263,15 @@ def test_pool_refuses_a_layout_its_model_does_not_give(store):
     with pytest.raises(AdapterError, match="ok.ela"):
         pool.acquire("ok", record)
     assert pool.names == []
+
+
+def test_index_schema_that_is_not_utf8(tmp_path):
+    # Was: UnicodeDecodeError. sqlite reports the malformed schema with its bytes in the message,
+    # which Python's sqlite3 decodes as UTF-8 (found by the store-index fuzzer).
+    AdapterStore(tmp_path / "s", create=True).close()
+    index = tmp_path / "s" / "index.sqlite"
+    buf = index.read_bytes()
+    at = buf.find(b"CREATE TABLE adapters (")
+    index.write_bytes(buf[:at + 22] + b"\xcb" + buf[at + 23:])
+    with pytest.raises(AdapterError, match="index.sqlite"):
+        AdapterStore(tmp_path / "s").names()
