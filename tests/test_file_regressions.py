@@ -20,7 +20,7 @@ from edgelora_np.adapters.formats import load_adapter
 from edgelora_np.adapters.packed import pack
 from edgelora_np.adapters.pool import AdapterPool
 from edgelora_np.adapters.store import AdapterStore
-from edgelora_np.errors import AdapterError, GGUFFormatError, TokenizerError
+from edgelora_np.errors import AdapterError, EdgeLoraError, GGUFFormatError, TokenizerError
 from edgelora_np.gguf.reader import open_gguf
 from edgelora_np.model.config import config_from_gguf
 from edgelora_np.tokenizer import Tokenizer
@@ -275,3 +275,25 @@ def test_index_schema_that_is_not_utf8(tmp_path):
     index.write_bytes(buf[:at + 22] + b"\xcb" + buf[at + 23:])
     with pytest.raises(AdapterError, match="index.sqlite"):
         AdapterStore(tmp_path / "s").names()
+
+
+@pytest.mark.parametrize("qtype", [QT.I32, QT.I8], ids=["I32", "I8"])
+def test_unsupported_tensor_types_name_the_file(tmp_path, qtype):
+    # Was: UnsupportedQuantError "tensor 'output_norm.weight' is stored as I32" without the file
+    # (the GGUF-model fuzzer set a tensor's type field to another type of the same size).
+    from edgelora_np.model.weights import load_weights
+
+    path = write_tiny_model(tmp_path / "typed.gguf", TinySpec(),
+                            tensor_types={"blk.0.attn_q.weight": qtype})
+    gf = open_gguf(path)
+    with pytest.raises(EdgeLoraError, match=r"typed\.gguf"):
+        load_weights(gf, config_from_gguf(gf), 1)
+    buf = bytearray(path.read_bytes())
+    name = b"output_norm.weight"
+    at = buf.rfind(name) + len(name)                  # its tensor info: n_dims, dims, type
+    (n_dims,) = struct.unpack_from("<I", buf, at)
+    struct.pack_into("<I", buf, at + 4 + 8 * n_dims, int(qtype))
+    (tmp_path / "norm.gguf").write_bytes(bytes(buf))
+    gf = open_gguf(tmp_path / "norm.gguf")
+    with pytest.raises(EdgeLoraError, match=r"norm\.gguf"):
+        load_weights(gf, config_from_gguf(gf), 1)
