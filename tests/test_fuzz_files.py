@@ -287,7 +287,7 @@ def _update(index, sql, *args) -> None:
     try:
         db.execute(sql, args)
         db.commit()
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, UnicodeDecodeError):  # sqlite quotes corrupt schema bytes
         pass
     finally:
         db.close()
