@@ -58,7 +58,7 @@ class Model:
         numba.set_num_threads(self.n_threads)
         gf = open_gguf(self.path)
         self.config: LlamaConfig = config_from_gguf(gf)
-        self.tokenizer = Tokenizer.from_gguf_fields(gf.fields)
+        self.tokenizer = Tokenizer.from_gguf(gf)
         self.metadata = {k: v for k, v in gf.fields.items() if not isinstance(v, list)}
         if warm and not numba.config.DISABLE_JIT:
             # Kernels first, while little else is resident: then the compiler's pages can go.
@@ -111,7 +111,11 @@ class Model:
         return np.concatenate(out)
 
     def _check_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        except (OverflowError, ValueError, TypeError):      # 2^64, ragged lists, non-numbers
+            raise EdgeLoraError(f"token ids must be a flat list of integers in "
+                                f"0..{self.config.vocab_size - 1}") from None
         if len(ids) == 0:
             raise EdgeLoraError("no tokens given")
         if len(ids) > self.n_ctx:

@@ -430,11 +430,13 @@ def _env(name: str) -> str:
               default="text", show_default=True)
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), envvar=_env("MAX_BODY_MB"),
               default=4.0, show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-tokens", type=click.IntRange(min=1), envvar=_env("MAX_TOKENS"), default=None,
+              help="No request generates more tokens than this (default: the context).")
 @click.option("--name", envvar=_env("SERVER_NAME"), default=None,
               help="Answer every request with the header X-Edgelora-Server: NAME.")
 def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs, max_seqs,
           max_batch_tokens, max_queue, adapter_pool_mb, threads, ctx, log_format, max_body_mb,
-          name):
+          max_tokens, name):
     """Serve the model and its adapters over HTTP: OpenAI, vLLM and llama-server APIs.
 
     Every adapter of the store is served by name (`model` on /v1 routes, `lora` ids or
@@ -454,7 +456,8 @@ def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs,
                       host=host, port=port, api_keys=api_keys, allow_adapter_dirs=tuple(allow_dirs),
                       max_seqs=max_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                       adapter_pool_mb=adapter_pool_mb, threads=threads, ctx=ctx,
-                      log_format=log_format, max_body_mb=max_body_mb, name=name))
+                      log_format=log_format, max_body_mb=max_body_mb, max_tokens=max_tokens,
+                      name=name))
 
 
 @main.command("new-key")

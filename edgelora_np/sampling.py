@@ -106,6 +106,17 @@ def _check_real(name: str, value: object) -> None:
         raise SamplingError(f"{name} must be finite, got {value!r}")
 
 
+# Temperatures so small that logits / T overflows float32 (1e-300 is 0 in float32) sample as
+# greedy, which they are in effect; huge ones are capped where float32 still holds them.
+GREEDY_BELOW = 1e-6
+MAX_TEMPERATURE = 1e30
+
+# Bounds on stop strings: every generated token is matched against each of them on the engine
+# thread, so an unbounded list (10,000 strings) would slow every other request down.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
+
+
 def _check_stop_strings(stop: object) -> tuple[str, ...]:
     if isinstance(stop, str):
         raise SamplingError(
@@ -114,7 +125,13 @@ def _check_stop_strings(stop: object) -> tuple[str, ...]:
     if not isinstance(stop, Iterable):
         raise SamplingError(f"stop must be a list of strings, got {stop!r}")
     stop = tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise SamplingError(f"stop holds {len(stop)} strings, at most {MAX_STOP_STRINGS} are "
+                            f"allowed (each is checked against every generated token)")
     for s in stop:
+        if isinstance(s, str) and len(s) > MAX_STOP_CHARS:
+            raise SamplingError(f"stop strings may be at most {MAX_STOP_CHARS} characters, got "
+                                f"one of {len(s)}")
         if not isinstance(s, str) or s == "":
             raise SamplingError(f"stop strings must be non-empty str, got {s!r} in stop={stop!r}")
     return stop
@@ -256,14 +273,15 @@ class Sampler:
         when top-k or top-p ran, in id order otherwise. A server can read logprobs from here.
         """
         penalized = self._penalized(logits)  # [V] float32, a copy
-        if self.params.temperature <= 0.0:
+        if self.params.temperature <= GREEDY_BELOW:
             best = int(np.argmax(penalized))  # first maximum = lowest id among ties
             return np.array([best], dtype=np.int64), np.ones(1)
         ids = np.arange(penalized.size, dtype=np.int64)  # [V]
         ids, x = top_k(ids, penalized, self.params.top_k)
         ids, x = top_p(ids, x, self.params.top_p)
         ids, x = min_p(ids, x, self.params.min_p)
-        x = x / np.float32(self.params.temperature)  # [C], temperature last (llama_sampler_temp)
+        temperature = np.float32(min(self.params.temperature, MAX_TEMPERATURE))
+        x = x / temperature  # [C], temperature last (llama_sampler_temp)
         return ids, _softmax(x)
 
     def sample(self, logits: np.ndarray) -> int:

@@ -134,6 +134,14 @@ class Tokenizer:
                if k == TokenType.CONTROL and t in END_OF_TURN_TEXTS})
 
     @classmethod
+    def from_gguf(cls, gf) -> Tokenizer:
+        """From an open GGUF file (gguf/reader.py); errors name the file."""
+        try:
+            return cls.from_gguf_fields(gf.fields)
+        except TokenizerError as e:
+            raise TokenizerError(f"{gf.path}: {e}") from None
+
+    @classmethod
     def from_gguf_fields(cls, fields: dict) -> Tokenizer:
         """Build from GGUF metadata, given as a plain dict of key -> Python value."""
         model = _required(fields, "tokenizer.ggml.model", str)
@@ -209,6 +217,11 @@ class Tokenizer:
         """Token ids of `text`. `special=True` parses control-token texts like "<|im_start|>"."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:       # a lone surrogate ("\ud800"): not UTF-8 text
+            raise TokenizerError(f"text is not valid Unicode: {e.reason} at character "
+                                 f"{e.start}") from None
         with self._hf_lock:
             self._hf.encode_special_tokens = not special
             ids = self._hf.encode(text, add_special_tokens=False).ids
@@ -253,8 +266,10 @@ class Tokenizer:
                                          add_generation_prompt=add_generation_prompt,
                                          bos_token=self._text_of(self._bos_id),
                                          eos_token=self._text_of(self._eos_id))
-        except TemplateError as e:
-            raise TokenizerError(f"chat template failed to render: {e}") from e
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError,
+                AttributeError, RecursionError) as e:     # the template is the model file's code
+            raise TokenizerError(f"chat template failed to render: {type(e).__name__}: "
+                                 f"{e}") from None
 
     def _text_of(self, token_id: int | None) -> str:
         return "" if token_id is None else self._tokens[token_id]
@@ -264,10 +279,9 @@ class Tokenizer:
         # The environment transformers uses for chat templates (apply_chat_template). jinja2 is
         # imported here, on first use: a process that never renders a chat costs 7 MB less.
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = _chat_sandbox()(trim_blocks=True, lstrip_blocks=True,
+                              extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_from_template
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -275,6 +289,35 @@ class Tokenizer:
             return env.from_string(self._chat_template or CHATML_TEMPLATE)
         except TemplateError as e:
             raise TokenizerError(f"tokenizer.chat_template does not parse: {e}") from e
+
+
+# What one `*` or `**` in a chat template may make: a model file's template runs on every chat
+# request, and "{{ 'x' * 10**10 }}" would otherwise allocate gigabytes or spin forever.
+MAX_TEMPLATE_REPEAT = 100_000
+MAX_TEMPLATE_EXPONENT = 64
+
+
+def _chat_sandbox():
+    """jinja2's ImmutableSandboxedEnvironment (no attribute access to Python internals, no
+    mutation of the messages), with `*` and `**` bounded."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class ChatSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > MAX_TEMPLATE_EXPONENT:
+                raise SecurityError(f"exponent {right} is over {MAX_TEMPLATE_EXPONENT}")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
+                            and len(seq) * n > MAX_TEMPLATE_REPEAT:
+                        raise SecurityError(f"repeating a sequence {n} times makes more than "
+                                            f"{MAX_TEMPLATE_REPEAT} items")
+            return super().call_binop(context, operator, left, right)
+
+    return ChatSandbox
 
 
 class StreamDecoder:

@@ -63,6 +63,7 @@ PEFT_MODULES = {
 # PEFT LoraConfig defaults, for the (rare) config that leaves r or lora_alpha out.
 _PEFT_DEFAULT_R = 8
 _PEFT_DEFAULT_ALPHA = 8
+MAX_RANK = 1 << 16           # far above any real LoRA rank; bounds what a config may claim
 
 # safetensors dtype -> the ggml type whose decode reads the same bytes.
 _SAFETENSORS_DTYPES = {
@@ -274,8 +275,9 @@ def _load_peft(directory: Path, cfg: LlamaConfig, scale: float) -> dict[tuple[in
 def _read_peft_config(path: Path) -> dict:
     try:
         conf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: cannot read the adapter config: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:    # RecursionError: nesting too deep
+        raise AdapterError(f"{path}: cannot read the adapter config: {type(e).__name__}: "
+                           f"{e}") from None
     if not isinstance(conf, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     peft_type = conf.get("peft_type", "LORA")
@@ -296,12 +298,7 @@ def _read_peft_config(path: Path) -> dict:
     for key, why in refused.items():
         if conf.get(key):
             raise AdapterError(f"{path}: {key} = {conf[key]!r}: {why}")
-    numbers = [(key, conf[key]) for key in ("r", "lora_alpha") if key in conf]
-    for key in ("rank_pattern", "alpha_pattern"):
-        numbers += [(f"{key}[{k!r}]", v) for k, v in (conf.get(key) or {}).items()]
-    for key, value in numbers:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AdapterError(f"{path}: {key} must be a number, got {value!r}")
+    _check_config_types(path, conf)
     # Patterns are regular expressions in PEFT; a broken one is a config error, found here.
     patterns = [*(conf.get("rank_pattern") or {}), *(conf.get("alpha_pattern") or {})]
     patterns += [conf[k] for k in ("target_modules", "exclude_modules") if isinstance(conf.get(k), str)]
@@ -314,6 +311,37 @@ def _read_peft_config(path: Path) -> dict:
     # fan_in_fan_out only describes a Conv1D base layer (GPT-2); PEFT resets it to False for the
     # nn.Linear layers of llama, and lora_A/lora_B are [r, in] / [out, r] either way.
     return conf
+
+
+def _check_config_types(path: Path, conf: dict) -> None:
+    """The config values the loader computes with, checked for type and range before use: ranks
+    are integers in 0..MAX_RANK, alphas finite numbers, module lists strings, layers integers."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(conf.get(key) or {}, dict):
+            raise AdapterError(f"{path}: {key} must be an object (module pattern -> number), "
+                               f"got {conf[key]!r}")
+    ranks = [("r", conf["r"])] if "r" in conf else []
+    ranks += [(f"rank_pattern[{k!r}]", v) for k, v in (conf.get("rank_pattern") or {}).items()]
+    alphas = [("lora_alpha", conf["lora_alpha"])] if "lora_alpha" in conf else []
+    alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (conf.get("alpha_pattern") or {}).items()]
+    for key, value in ranks + alphas:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdapterError(f"{path}: {key} must be a number, not NaN or Inf, got {value!r}")
+    for key, value in ranks:
+        if value != int(value) or not 0 <= value <= MAX_RANK:     # 0: refused with the tensor
+            raise AdapterError(f"{path}: {key} must be an integer rank in 0..{MAX_RANK}, "
+                               f"got {value!r}")
+    for key in ("target_modules", "exclude_modules"):
+        value = conf.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(m, str) for m in value)):
+            raise AdapterError(f"{path}: {key} must be a string or a list of strings, "
+                               f"got {value!r}")
+    layers = conf.get("layers_to_transform")
+    listed = layers if isinstance(layers, list) else [layers]
+    if layers is not None and any(isinstance(x, bool) or not isinstance(x, int) for x in listed):
+        raise AdapterError(f"{path}: layers_to_transform must be an integer or a list of "
+                           f"integers, got {layers!r}")
 
 
 def _parse_peft_key(file: Path, key: str) -> tuple[int, str, str, str, str | None]:
@@ -422,7 +450,9 @@ def _load_gguf_lora(path: Path, cfg: LlamaConfig, scale: float,
     if gf.fields.get("adapter.alora.invocation_tokens"):
         raise AdapterError(f"{path}: activated LoRA (adapter.alora.invocation_tokens) is not "
                            f"supported")
-    alpha = float(gf.fields.get("adapter.lora.alpha", 0.0))
+    alpha = gf.fields.get("adapter.lora.alpha", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{path}: adapter.lora.alpha is {alpha!r}, expected a finite number")
 
     halves: dict[tuple[int, str], dict[str, str]] = {}
     for name in gf.tensors:

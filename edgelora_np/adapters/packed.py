@@ -151,11 +151,43 @@ def pack(adapter, cfg: LlamaConfig) -> PackedAdapter:
                 if pair is None:
                     continue
                 r = pair.a.shape[0]
-                a[i, row:row + r] = np.asarray(pair.a, np.float32).astype(np.float16).view(np.uint16)
+                a16 = _fp16(adapter, layer, proj, "A", pair.a)                      # [r, in]
+                rows_b = _fp16(adapter, layer, proj, "B", np.asarray(pair.b).T)      # [r, w]
+                a[i, row:row + r] = a16.view(np.uint16)
                 s[i, row:row + r] = pair.scale
-                rows_b = np.asarray(pair.b, np.float32).T.astype(np.float16)           # [r, w]
                 b[i, col:col + r * w] = rows_b.reshape(-1).view(np.uint16)
             row += r_max
             col += r_max * w
     packed.payload.flags.writeable = False
     return packed
+
+
+def _fp16(adapter, layer: int, proj: str, half: str, x: np.ndarray) -> np.ndarray:
+    """float32 weights as the fp16 the kernels read; a value beyond fp16's range (65504) would
+    become Inf and every output NaN, so it is refused here, at import."""
+    with np.errstate(over="ignore"):
+        x16 = np.asarray(x, np.float32).astype(np.float16)
+    if not np.isfinite(x16).all():
+        big = float(np.abs(np.asarray(x, np.float32)).max())
+        raise AdapterError(f"{adapter.path}: lora_{half} of blk.{layer}.{proj} holds a value of "
+                           f"magnitude {big:.3g}, beyond fp16's range (65504) the kernels use")
+    return x16
+
+
+def check_layout(cfg: LlamaConfig, groups: dict, nbytes: int, where: str) -> None:
+    """A stored layout (a .ela header, an index row) must be the one `layout_for` gives its ranks
+    and layers: the kernels read the arena at these offsets without bounds checks."""
+    known = projection_groups(cfg)
+    unknown = set(groups) - set(known)
+    if unknown:
+        raise AdapterError(f"{where}: unknown projection groups {sorted(unknown)}")
+    try:
+        ranks = {g: tuple(lay.ranks) for g, lay in groups.items()}
+        layers = {g: tuple(lay.layers) for g, lay in groups.items()}
+        want, want_bytes = layout_for(cfg, ranks, layers)
+    except (AdapterError, TypeError, ValueError) as e:
+        raise AdapterError(f"{where}: layout does not fit the model: {e}") from None
+    if want != groups or want_bytes != nbytes:
+        raise AdapterError(f"{where}: layout {({g: lay.to_json() for g, lay in groups.items()})} "
+                           f"and {nbytes} payload bytes are not what its ranks and layers take "
+                           f"for this model ({want_bytes} bytes)")

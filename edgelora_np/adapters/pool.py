@@ -45,7 +45,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgelora_np.adapters.packed import ALIGN, PackedAdapter, pack, projection_groups
+from edgelora_np.adapters.packed import (
+    ALIGN,
+    PackedAdapter,
+    check_layout,
+    pack,
+    projection_groups,
+)
 from edgelora_np.errors import AdapterError, CapacityError
 from edgelora_np.model.config import LlamaConfig
 
@@ -372,6 +378,8 @@ class AdapterPool:
 
     def _load(self, name, record, *, may_move, protect, pin, sticky=False) -> _Entry:
         """Called with the lock held; copies the bytes with it released."""
+        where = f"adapter {name!r}" + (f" ({record.path})" if hasattr(record, "path") else "")
+        check_layout(self.cfg, record.groups, record.nbytes, where)
         n = _aligned(record.nbytes)
         if n > self.budget:
             raise PoolFullError(f"adapter {name!r} needs {n / 2**20:.1f} MiB, more than the whole "

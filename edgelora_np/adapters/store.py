@@ -116,7 +116,7 @@ def read_card(source: Path) -> dict:
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise AdapterError(f"{path}: unreadable adapter card: {e}") from None
         if not isinstance(data, dict):
             raise AdapterError(f"{path}: an adapter card must be a JSON object")
@@ -201,7 +201,7 @@ class AdapterStore:
             self._db = sqlite3.connect(index, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:   # a corrupted schema's text
             raise AdapterError(f"{index}: unreadable store index: {e}") from None
         self.data.mkdir(exist_ok=True)
 
@@ -214,14 +214,26 @@ class AdapterStore:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as e:
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
                 raise AdapterError(f"{self.root}/index.sqlite: {e}") from None
 
-    @staticmethod
-    def _row(r) -> StoredAdapter:
-        groups = {g: GroupLayout.from_json(d) for g, d in json.loads(r[2]).items()}
-        return StoredAdapter(r[0], r[1], groups, int(r[3]), int(r[4]), json.loads(r[5]), r[6], r[7],
-                             float(r[8]), float(r[9]))
+    def _row(self, r) -> StoredAdapter:
+        """An index row, its JSON columns decoded and every column checked for type."""
+        try:
+            groups = {g: GroupLayout.from_json(d) for g, d in json.loads(r[2]).items()}
+            card = json.loads(r[5])
+            row = StoredAdapter(r[0], r[1], groups, int(r[3]), int(r[4]), card, r[6], r[7],
+                                float(r[8]), float(r[9]))
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise AdapterError(f"{self.root}/index.sqlite: the row of adapter {r[0]!r} is "
+                               f"corrupted ({type(e).__name__}: {e}); re-import the adapter") from None
+        if not all(isinstance(x, str) for x in (row.name, row.fingerprint, row.source,
+                                                row.source_sha256)) \
+                or not isinstance(card, dict) or row.nbytes < 0 or not 0 <= row.crc32 < 1 << 32:
+            raise AdapterError(f"{self.root}/index.sqlite: the row of adapter {r[0]!r} is "
+                               f"corrupted; re-import the adapter")
+        return row
 
     def names(self) -> list[str]:
         return [r[0] for r in self._query("SELECT name FROM adapters ORDER BY name")]
@@ -232,8 +244,14 @@ class AdapterStore:
 
     def cards(self) -> dict[str, dict]:
         """name -> card of every adapter (lighter than rows(): what a router reads)."""
-        return {name: json.loads(card) for name, card in
-                self._query("SELECT name, card FROM adapters ORDER BY name")}
+        out = {}
+        for name, card in self._query("SELECT name, card FROM adapters ORDER BY name"):
+            try:
+                out[name] = json.loads(card)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise AdapterError(f"{self.root}/index.sqlite: the card of adapter {name!r} is "
+                                   f"corrupted: {e}") from None
+        return out
 
     def present(self, names: list[str]) -> set[str]:
         """Which of `names` are in the store now."""
@@ -274,7 +292,10 @@ class AdapterStore:
         return self._query("SELECT COUNT(*) FROM adapters")[0][0]
 
     def file(self, name: str) -> Path:
-        return self.data / (check_name(name) + SUFFIX)
+        try:
+            return self.data / (check_name(name) + SUFFIX)
+        except AdapterError as e:          # a name from a corrupted index, or from a request
+            raise AdapterError(f"{self.root}: {e}") from None
 
     def record(self, name: str, row: StoredAdapter | None = None) -> StoredRecord:
         """Open an adapter's file and check its header against the index row."""
@@ -290,15 +311,21 @@ class AdapterStore:
                 if version != VERSION:
                     raise AdapterError(f"adapter {name!r}: {path} has format version {version}, "
                                        f"this engine reads {VERSION}")
+                if 16 + h_len > size:                # checked before reading h_len bytes
+                    raise AdapterError(f"adapter {name!r}: {path} is truncated (a {h_len}-byte "
+                                       f"header in a {size}-byte file)")
                 header = json.loads(f.read(h_len))
         except FileNotFoundError:
             raise AdapterError(f"adapter {name!r}: its file {path} is missing (removed from "
                                "disk?); re-import it or remove it from the store") from None
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise AdapterError(f"adapter {name!r}: unreadable header in {path}: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:      # RecursionError: deep nesting
+            raise AdapterError(f"adapter {name!r}: unreadable header in {path}: "
+                               f"{type(e).__name__}: {e}") from None
         offset = -(-(16 + h_len) // ALIGN) * ALIGN
         want = {"name": row.name, "fingerprint": row.fingerprint, "payload_bytes": row.nbytes,
                 "crc32": row.crc32, "groups": {g: lay.to_json() for g, lay in row.groups.items()}}
+        if not isinstance(header, dict):
+            raise AdapterError(f"adapter {name!r}: unreadable header in {path}: not a JSON object")
         for key, value in want.items():
             if header.get(key) != value:
                 raise AdapterError(f"adapter {name!r}: the index disagrees with {path} about "
@@ -365,6 +392,9 @@ class AdapterStore:
         name = check_name(name or (source.name if source.is_dir() else source.stem))
         if not source.exists():
             raise AdapterError(f"adapter {name!r}: source {source} not found")
+        if not (source.is_file() or source.is_dir()):      # reading a FIFO or device never ends
+            raise AdapterError(f"adapter {name!r}: source {source} is not a regular file or "
+                               "directory")
         sha = _source_sha256(source)
         card = {**read_card(source), **(card or {})}
         if not force and name in self:

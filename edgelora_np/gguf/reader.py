@@ -7,11 +7,16 @@ model itself on a small board. So the header walk is done here, in one pass that
 strings straight to `str`, and tests check the result against `GGUFReader` field by field.
 
 We also check what a reader does not: every tensor's bytes lie inside the file and match its
-shape and type, so a truncated download fails here rather than as garbage logits later.
+shape and type, so a truncated download fails here rather than as garbage logits later. No count
+or length in the header is trusted before it is checked against the bytes left in the file, so a
+corrupted or hostile header (a string "of 2^60 bytes", 2^40 array items, tensors overlapping or
+past the end) fails with a GGUFFormatError naming the file, never with a huge allocation
+(tests/test_fuzz_files.py).
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -27,6 +32,12 @@ from edgelora_np.gguf.quants import QUANT_TYPES, check_tensor_bytes
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4                 # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 4        # arrays of arrays: real files use none; bounded so recursion is too
+# The fewest bytes one item can take, to check a count against the bytes left before looping:
+_MIN_FIELD_BYTES = 8 + 4 + 1          # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_MIN_ITEM_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 4 + 8}
 
 # GGUF scalar value types: struct format (little-endian) and the NumPy dtype for arrays.
 _SCALARS = {
@@ -87,6 +98,17 @@ class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def count(self, n: int, min_bytes: int, what: str) -> int:
+        """A header count, checked against what the rest of the file can hold."""
+        if n * min_bytes > self.left():
+            raise GGUFFormatError(f"{self.path}: truncated or corrupt header: at byte {self.pos} "
+                                  f"it claims {n} {what}, "
+                                  f"more than the {self.left()} bytes left in the file hold")
+        return n
+
     def take(self, fmt: str):
         try:
             (value,) = struct.unpack_from(fmt, self.buf, self.pos)
@@ -96,29 +118,28 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        n = self.take("<Q")
+        n = self.count(self.take("<Q"), 1, "string bytes")
         raw = self.buf[self.pos:self.pos + n]
-        if len(raw) != n:
-            raise GGUFFormatError(f"{self.path}: truncated header at byte {self.pos}")
         self.pos += n
         return bytes(raw).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         vtype = _value_type(vtype, self)
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise GGUFFormatError(f"{self.path}: arrays nested more than {MAX_ARRAY_NESTING} "
+                                      f"deep at byte {self.pos}")
             item_type = _value_type(self.take("<I"), self)
-            count = self.take("<Q")
             if item_type in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
-                end = self.pos + count * dtype.itemsize
-                if end > len(self.buf):
-                    raise GGUFFormatError(f"{self.path}: truncated header at byte {self.pos}")
+                count = self.count(self.take("<Q"), dtype.itemsize, "array items")
                 items = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
-                self.pos = end
+                self.pos += count * dtype.itemsize
                 return items
-            return [self.value(item_type) for _ in range(count)]
+            count = self.count(self.take("<Q"), _MIN_ITEM_BYTES[item_type], "array items")
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         return self.take(_SCALARS[vtype][0])
 
 
@@ -134,50 +155,99 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"file not found: {path}")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             f.seek(0)
             raise GGUFFormatError(
                 f"{path}: not a GGUF file (starts with {f.read(4)!r}, expected b'GGUF')")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    cur = _Cursor(memoryview(mapped), path)
-    cur.pos = 4
-    version = cur.take("<I")
-    if version not in SUPPORTED_VERSIONS:
-        raise GGUFFormatError(f"{path}: GGUF version {version} is not supported "
-                              f"(supported: {SUPPORTED_VERSIONS}; big-endian files are not)")
-    n_tensors, n_fields = cur.take("<Q"), cur.take("<Q")
-    fields = {}
-    for _ in range(n_fields):
-        key = cur.string()
-        fields[key] = cur.value(cur.take("<I"))
+    try:
+        fields, tensors = _read(mapped, path)
+    except BaseException:
+        mapped.close()
+        raise
+    return GGUFFile(path, fields, tensors, mapped)
 
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
-        raw_type, offset = cur.take("<I"), cur.take("<Q")
-        infos.append((name, dims, raw_type, offset))
-    alignment = int(fields.get("general.alignment", DEFAULT_ALIGNMENT))
-    data_start = -(-cur.pos // alignment) * alignment
-    del cur                                   # releases the memoryview, so the map can close
 
-    tensors = {}
+def _read(mapped: mmap.mmap, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    size = len(mapped)
+    with memoryview(mapped) as view:
+        fields, infos, header_end = _read_header(_Cursor(view, path))
+    alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 \
+            or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{path}: general.alignment is {alignment!r}, expected a power of 2")
+    data_start = -(-header_end // alignment) * alignment
+
+    placed = {}                    # name -> (type, shape, start, n_bytes): checked before mapping
     for name, dims, raw_type, offset in infos:
+        if name in placed:
+            raise GGUFFormatError(f"{path}: tensor {name!r} appears twice in the tensor table")
         try:
             qtype = GGMLQuantizationType(raw_type)
         except ValueError:
             raise GGUFFormatError(f"{path}: tensor {name!r} has unknown type {raw_type}") from None
         shape = tuple(int(n) for n in reversed(dims))          # ggml ne[] is innermost-first
         block, nbytes_per_block = GGML_QUANT_SIZES[qtype]
-        n_bytes = int(np.prod(dims, dtype=np.int64)) // block * nbytes_per_block
+        n_elements = math.prod(dims)                           # Python ints: no overflow
+        if n_elements % block:
+            raise GGUFFormatError(f"{path}: tensor {name!r} of type {qtype.name} has {n_elements} "
+                                  f"elements, not a whole number of {block}-element blocks")
+        n_bytes = n_elements // block * nbytes_per_block
+        if offset % alignment:
+            raise GGUFFormatError(f"{path}: tensor {name!r} starts at data offset {offset}, not a "
+                                  f"multiple of the alignment {alignment}")
         start = data_start + offset
         if start + n_bytes > size:
             raise GGUFFormatError(f"{path}: truncated: tensor {name!r} needs bytes up to "
                                   f"{start + n_bytes}, file has {size}")
         if qtype in QUANT_TYPES:
-            check_tensor_bytes(name, qtype, shape, n_bytes)
-        data = np.frombuffer(mapped, np.uint8, n_bytes, start)
-        tensors[name] = TensorInfo(name, qtype, shape, start, n_bytes, data)
-    return GGUFFile(path, fields, tensors, mapped)
+            try:
+                check_tensor_bytes(name, qtype, shape, n_bytes)
+            except GGUFFormatError as e:
+                raise GGUFFormatError(f"{path}: {e}") from None
+        placed[name] = (qtype, shape, start, n_bytes)
+    _check_no_overlap(path, placed)
+    return fields, {name: TensorInfo(name, qtype, shape, start, n_bytes,
+                                     np.frombuffer(mapped, np.uint8, n_bytes, start))
+                    for name, (qtype, shape, start, n_bytes) in placed.items()}
+
+
+def _read_header(cur: _Cursor) -> tuple[dict, list, int]:
+    """(metadata, [(name, dims, type, offset)] of the tensor table, where the header ends)."""
+    path = cur.path
+    cur.pos = len(GGUF_MAGIC)
+    version = cur.take("<I")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFFormatError(f"{path}: GGUF version {version} is not supported "
+                              f"(supported: {SUPPORTED_VERSIONS}; big-endian files are not)")
+    n_tensors, n_fields = cur.take("<Q"), cur.take("<Q")
+    cur.count(n_tensors * _MIN_TENSOR_INFO_BYTES + n_fields * _MIN_FIELD_BYTES, 1,
+              f"bytes of header ({n_tensors} tensors, {n_fields} metadata keys)")
+    fields = {}
+    for _ in range(n_fields):
+        key = cur.string()
+        if key in fields:
+            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice")
+        fields[key] = cur.value(cur.take("<I"))
+
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.take("<I")
+        if n_dims > MAX_DIMS:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has {n_dims} dimensions, at most "
+                                  f"{MAX_DIMS} are allowed")
+        dims = [cur.take("<Q") for _ in range(n_dims)]
+        raw_type, offset = cur.take("<I"), cur.take("<Q")
+        infos.append((name, dims, raw_type, offset))
+    return fields, infos, cur.pos
+
+
+def _check_no_overlap(path: Path, placed: dict) -> None:
+    end, last = 0, None
+    for start, n_bytes, name in sorted((start, n, name) for name, (_, _, start, n) in placed.items()):
+        if start < end:
+            raise GGUFFormatError(f"{path}: tensors {last!r} and {name!r} overlap in the file")
+        if n_bytes:
+            end, last = start + n_bytes, name

@@ -8,12 +8,14 @@ Shape letters used across edgelora_np:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgelora_np.errors import GGUFFormatError, UnsupportedModelError
 from edgelora_np.gguf.reader import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+MAX_COUNT = 1 << 24          # bound on any size in the metadata (dims, heads, context, vocab)
 
 
 @dataclass(frozen=True)
@@ -51,36 +53,58 @@ def config_from_gguf(gf: GGUFFile) -> LlamaConfig:
     if file_type != "model":
         raise UnsupportedModelError(f"{gf.path}: general.type is {file_type!r}, expected 'model'")
 
-    def key(name):
-        return gf.field(f"{arch}.{name}")
+    def count(name, default=None):
+        return _count(gf, f"{arch}.{name}", default)
 
-    dim = int(key("embedding_length"))
-    n_heads = int(key("attention.head_count"))
-    n_kv_heads = int(gf.fields.get(f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(gf.fields.get(f"{arch}.attention.key_length", dim // n_heads))
+    def number(name, default=None):
+        return _number(gf, f"{arch}.{name}", default)
+
+    dim = count("embedding_length")
+    n_heads = count("attention.head_count")
+    n_kv_heads = count("attention.head_count_kv", n_heads)
+    head_dim = count("attention.key_length", max(dim // n_heads, 1))
     embd = gf.tensor("token_embd.weight")
-    vocab = int(gf.fields.get(f"{arch}.vocab_size", embd.shape[0]))
+    vocab = count("vocab_size", embd.shape[0])
     scaling = gf.fields.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise UnsupportedModelError(f"{gf.path}: rope scaling {scaling!r} is not supported")
-    factor = float(gf.fields.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+    factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
     cfg = LlamaConfig(
-        n_layers=int(key("block_count")),
+        n_layers=count("block_count"),
         dim=dim,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        ffn_dim=int(key("feed_forward_length")),
+        ffn_dim=count("feed_forward_length"),
         vocab_size=vocab,
-        context_length=int(key("context_length")),
-        rope_base=float(gf.fields.get(f"{arch}.rope.freq_base", 10000.0)),
-        rope_dim=int(gf.fields.get(f"{arch}.rope.dimension_count", head_dim)),
+        context_length=count("context_length"),
+        rope_base=number("rope.freq_base", 10000.0),
+        rope_dim=count("rope.dimension_count", head_dim),
         rope_freq_scale=1.0 / factor if factor else 1.0,
-        rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rms_eps=number("attention.layer_norm_rms_epsilon"),
         name=str(gf.fields.get("general.name", "")),
     )
     _check(cfg, gf)
     return cfg
+
+
+def _count(gf: GGUFFile, key: str, default=None) -> int:
+    """A metadata size (dims, heads, layers): a positive integer, at most MAX_COUNT."""
+    value = gf.field(key) if default is None else gf.fields.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise GGUFFormatError(f"{gf.path}: metadata {key} is {value!r}, expected an integer in "
+                              f"1..{MAX_COUNT}")
+    return value
+
+
+def _number(gf: GGUFFile, key: str, default=None) -> float:
+    """A metadata float (rope base, epsilon, scaling factor): finite and >= 0."""
+    value = gf.field(key) if default is None else gf.fields.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        raise GGUFFormatError(f"{gf.path}: metadata {key} is {value!r}, expected a finite "
+                              f"number >= 0")
+    return float(value)
 
 
 def _check(cfg: LlamaConfig, gf: GGUFFile) -> None:

@@ -10,11 +10,12 @@ copy, so resident memory is about the size of the weights in the file.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgelora_np.errors import GGUFFormatError
+from edgelora_np.errors import GGUFFormatError, UnsupportedQuantError
 from edgelora_np.gguf.quants import dequantize
 from edgelora_np.gguf.reader import GGUFFile, TensorInfo
 from edgelora_np.kernels.pack import PackedMatrix, pack_stacked
@@ -56,7 +57,8 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
 
     def vector(name: str, n: int) -> np.ndarray:
         t = _expect(gf, name, (n,))
-        v = dequantize(t.data, t.qtype, (n,), name=name)
+        with _in_file(gf):
+            v = dequantize(t.data, t.qtype, (n,), name=name)
         gf.release(t)
         return v
 
@@ -65,9 +67,11 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
         gate|up: one kernel call and one activation quantization for all of them)."""
         infos = [_expect(gf, name, shape) for name, shape in shapes.items()]
         groups = [infos] if len({t.qtype for t in infos}) == 1 else [[t] for t in infos]
-        packed = tuple(pack_stacked([(t.data, t.shape[0]) for t in group], group[0].qtype,
-                                    group[0].shape[1], n_threads, "+".join(t.name for t in group))
-                       for group in groups)
+        with _in_file(gf):
+            packed = tuple(pack_stacked([(t.data, t.shape[0]) for t in group], group[0].qtype,
+                                        group[0].shape[1], n_threads,
+                                        "+".join(t.name for t in group))
+                           for group in groups)
         for t in infos:
             gf.release(t)
         return packed
@@ -92,6 +96,15 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
     freq = vector("rope_freqs.weight", cfg.rope_dim // 2) if "rope_freqs.weight" in gf.tensors \
         else None
     return ModelWeights(token_embd, layers, vector("output_norm.weight", D), output, freq)
+
+
+@contextlib.contextmanager
+def _in_file(gf: GGUFFile):
+    """Errors of the quant decoders name a tensor; this adds the file (an unsupported type)."""
+    try:
+        yield
+    except (GGUFFormatError, UnsupportedQuantError) as e:
+        raise type(e)(f"{gf.path}: {e}") from None
 
 
 def _expect(gf: GGUFFile, name: str, shape: tuple[int, ...]) -> TensorInfo:

@@ -10,6 +10,7 @@ first delta carries the role, then come content deltas, then a chunk with `finis
 from __future__ import annotations
 
 import json
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -201,20 +202,62 @@ async def models(request: Request, tenant: Serving) -> ModelList:
 
 # --- vLLM's runtime adapters --------------------------------------------------------------------
 
+MAX_ADAPTER_ENTRIES = 256     # files and folders an adapter directory may hold (PEFT has 2-4)
+
+
 def confined(path: str, roots: tuple[str, ...]) -> Path:
-    """`path` resolved (symlinks and '..' followed), if it lies under one of `roots`."""
+    """`path` resolved (symlinks and '..' followed), if it lies under one of `roots` and so does
+    everything in it: a symlink inside an adapter directory that points out of the root, a FIFO
+    or a device file (a read that never ends) are refused like a path outside."""
     if not roots:
         raise ApiError(403, "runtime adapter loading is off (start the server with "
                             "--allow-adapter-dir DIR)", param="lora_path")
-    resolved = Path(path).resolve()
-    for root in roots:
-        if resolved.is_relative_to(Path(root).resolve()):
+    try:
+        resolved = Path(path).resolve()
+    except (ValueError, OSError) as e:                 # an embedded NUL, a symlink loop
+        raise ApiError(400, f"lora_path {path!r} is not a usable path: {e}",
+                       param="lora_path") from None
+    for root in (Path(r).resolve() for r in roots):
+        if resolved.is_relative_to(root):
+            _check_entries(path, resolved, root)
             return resolved
     raise ApiError(403, f"lora_path {path!r} is outside the directories this server may load "
                         "adapters from", param="lora_path")
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse, tags=["vllm"])
+def _check_entries(path: str, resolved: Path, root: Path) -> None:
+    if not resolved.exists():
+        return                                         # the caller's 400 says so
+    entries = [resolved]
+    if resolved.is_dir():
+        for i, entry in enumerate(resolved.rglob("*")):
+            if i >= MAX_ADAPTER_ENTRIES:
+                raise ApiError(400, f"lora_path {path!r} holds more than {MAX_ADAPTER_ENTRIES} "
+                                    "entries; an adapter directory holds a few files",
+                               param="lora_path")
+            entries.append(entry)
+    for entry in entries:
+        real = entry.resolve()
+        if not real.is_relative_to(root):
+            raise ApiError(403, f"lora_path {path!r}: {entry.name!r} links outside the "
+                                "directories this server may load adapters from",
+                           param="lora_path")
+        try:
+            mode = real.stat().st_mode
+        except OSError as e:
+            raise ApiError(400, f"lora_path {path!r}: {entry.name!r} is unreadable: "
+                                f"{e.strerror}", param="lora_path") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ApiError(403, f"lora_path {path!r}: {entry.name!r} is not a regular file or "
+                                "directory (a FIFO, socket or device is never read)",
+                           param="lora_path")
+
+
+# Success is vLLM's plain text; errors are JSON like everywhere (so the route's class stays JSON).
+PLAIN_OK = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/load_lora_adapter", tags=["vllm"], responses=PLAIN_OK)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request,
                             tenant: Serving):
     """Import an adapter (PEFT directory or GGUF-LoRA file) into the store and serve it."""
@@ -242,10 +285,10 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request,
     service.catalog.add(name, str(source))
     service.catalog.runtime[name] = tenant.name
     tenant.owned.add(name)
-    return f"Success: LoRA adapter '{name}' added successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse, tags=["vllm"])
+@router.post("/unload_lora_adapter", tags=["vllm"], responses=PLAIN_OK)
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request,
                               tenant: Serving):
     """Stop serving an adapter (one loaded at runtime is removed from the store too)."""
@@ -263,4 +306,4 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request,
         await run_in_threadpool(service.store.remove, name)
     service.catalog.remove(name)
     tenant.owned.discard(name)
-    return f"Success: LoRA adapter '{name}' removed successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

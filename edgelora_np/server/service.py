@@ -103,6 +103,7 @@ class ServerOptions:
     ctx: int | None = None
     log_format: str = "text"
     max_body_mb: float = 4.0
+    max_tokens: int | None = None          # no request generates more (None: the context)
     name: str | None = None                # answered in the X-Edgelora-Server header
 
 
@@ -247,6 +248,10 @@ class Service:
             raise ApiError(429, f"tenant {tenant.name!r} already has {limit} requests in flight "
                            "(its max_concurrent)", code="tenant_limit",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        cap = self.options.max_tokens
+        if cap is not None and isinstance(sampling.get("max_tokens"), int):
+            sampling["max_tokens"] = min(sampling["max_tokens"], cap)
+
         def allowed(name: str) -> bool:           # for "auto": the tenant's served adapters
             return name in self.catalog.sources and tenant.sees(name)
 
