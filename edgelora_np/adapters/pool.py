@@ -257,10 +257,16 @@ class AdapterPool:
         The record's own `fingerprint` (a PackedAdapter's payload hash, a store row's source
         hash, checksum and scale); a record without one gets a fingerprint unique to this load,
         so its KV pages are shared only while it stays resident, never with other weights."""
-        e = self._entries.get(name)
-        if e is None or e.loading:
+        fingerprint = self.resident_fingerprint(name)
+        if fingerprint is None:
             raise AdapterError(f"adapter {name!r} is not resident")
-        return e.fingerprint
+        return fingerprint
+
+    def resident_fingerprint(self, name: str) -> str | None:
+        """`fingerprint(name)` if `name` is resident now, else None (unpinned, it may go)."""
+        with self._lock:
+            e = self._entries.get(name)
+            return None if e is None or e.loading else e.fingerprint
 
     def stats(self) -> PoolStats:
         with self._lock:

@@ -476,23 +476,27 @@ class Engine:
 
         KV room: the pages running sequences will still allocate, plus this request's pages
         not mapped from the prefix cache, must fit in the free and idle pages (less the idle
-        pages it maps). The hit is looked up before pinning when the adapter is resident (or
-        none), after pinning again (it can only grow: the adapter is resident then)."""
+        pages it maps). The hit is looked up before pinning (none if the adapter is not
+        resident), and again once pinned, when the adapter's identity cannot change."""
         cache = self.cache
         owed = sum(cache.pages_needed(s.seq_id, s.budget) for s in self._running)
         pool_blocked = False
         for seq in list(self._waiting):
             if len(self._running) >= self.max_seqs:
                 break
-            hit = self._lookup(seq) if seq.adapter is None or seq.adapter in self.pool else []
-            if not self._fits(seq, hit, owed):
+            if not self._fits(seq, self._lookup(seq, pinned=False), owed):
                 break
             if seq.adapter is not None:
                 state = self._pin_adapter(seq, pool_blocked)
                 pool_blocked = pool_blocked or state == "blocked"
                 if state != "pinned":
                     continue
-                hit = self._lookup(seq)
+            hit = self._lookup(seq)
+            if not self._fits(seq, hit, owed):   # the adapter changed while it was unpinned
+                if seq.slot >= 0:
+                    seq.slot = -1
+                    self.pool.release(seq.adapter)
+                break
             self._waiting.remove(seq)
             if hit:
                 cache.map_prefix(seq.seq_id, hit)
@@ -508,12 +512,19 @@ class Engine:
         idle_taken = sum(self.cache.prefix.is_idle(p) for p in hit)
         return owed + need <= self.cache.free_pages - idle_taken
 
-    def _lookup(self, seq: _Sequence) -> list[int]:
-        """The cached pages of the longest prefix of the prompt (but its last token)."""
+    def _lookup(self, seq: _Sequence, pinned: bool = True) -> list[int]:
+        """The cached pages of the longest prefix of the prompt (but its last token).
+        Before its adapter is pinned (`pinned=False`), nothing if that is not resident."""
         if not seq.cache_prompt:
             return []
-        seq.identity = adapter_identity(
-            None if seq.adapter is None else self.pool.fingerprint(seq.adapter), seq.scale)
+        fingerprint = None
+        if seq.adapter is not None:
+            fingerprint = self.pool.resident_fingerprint(seq.adapter)
+            if fingerprint is None:
+                if pinned:
+                    raise EngineError(f"adapter {seq.adapter!r} is pinned but not resident")
+                return []
+        seq.identity = adapter_identity(fingerprint, seq.scale)
         n_full = (len(seq.prompt) - 1) // PAGE_SIZE
         keys = page_keys(seq.identity, seq.prompt, n_full)
         hit = self.cache.prefix.lookup(keys)
