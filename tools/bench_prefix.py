@@ -7,8 +7,10 @@ of tools/bench_workload.py) and its own system prompt of S tokens. Each tenant r
 conversations at once (default 1) of 4 turns, closed loop: turn k+1 is sent when turn k's answer
 has ended, its prompt being the whole history so far (system prompt, every user message and
 every answer, as token ids) plus a new user message of U tokens; the answer is R tokens (EOS
-ignored, greedy). Conversation j of a tenant starts j * STAGGER_S seconds after the first, so a
-later one can find the tenant's system prompt cached.
+ignored, greedy). Conversation j of a tenant starts j * STAGGER_S seconds after the first.
+Before the measured runs, one warm-up turn per tenant with the same system prompt but other user
+messages (adapters loaded; the system prompt is what earlier users of the tenant's application
+already sent, so a cache may hold it, as it would in service).
 
 Both servers run here with the same GGUF, threads, 8 slots, context per slot and adapters, started
 as tools/bench_workload.py starts them (llama-server keeps its default --cache-ram here). The same
@@ -41,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "artifacts" / "bench_prefix"
 TENANTS = 8
 TURNS = 4
-SYSTEM_TOKENS = 192     # S
+SYSTEM_TOKENS = 256     # S
 USER_TOKENS = 32        # U
-REPLY_TOKENS = 32       # R: S + TURNS * (U + R) = 448 fits the 512 positions of a slot
+REPLY_TOKENS = 16       # R: S + TURNS * (U + R) = 448 fits the 512 positions of a slot
 STAGGER_S = 2.0
 
 
@@ -70,8 +72,8 @@ async def conversation(client, api, targets, pool, tenant: int, conv: int, extra
                        turns: list[Turn], args, n_turns: int, salt: int) -> None:
     """One tenant's chat: n_turns requests, each after the previous answer, history resent."""
     await asyncio.sleep(conv * STAGGER_S)
-    seed = 1_000_000 * salt
-    history = tenant_tokens(pool, seed + 1000 + tenant, args.system)     # the system prompt
+    seed = 1_000_000 * salt                                              # of the user messages
+    history = tenant_tokens(pool, 1000 + tenant, args.system)            # the system prompt
     for k in range(n_turns):
         history = history + tenant_tokens(pool, seed + 10_000 * (tenant + 1) + 100 * conv + k,
                                           args.user)
@@ -160,7 +162,8 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=SYSTEM_TOKENS, help="system prompt tokens (S)")
     ap.add_argument("--user", type=int, default=USER_TOKENS, help="tokens per user message (U)")
     ap.add_argument("--reply", type=int, default=REPLY_TOKENS, help="tokens per answer (R)")
-    ap.add_argument("--skip-llama", action="store_true", help="only edgelora")
+    ap.add_argument("--servers", default="edgelora,llama-server",
+                    help="which to run, comma-separated (edgelora, llama-server)")
     args = ap.parse_args()
 
     from edgelora_np.default_model import resolve_model_path
@@ -174,9 +177,12 @@ def main() -> None:
         tmp = Path(tmp)
         loras = write_adapters(tmp / "loras", TENANTS)
         import_store(tmp / "store", model, loras)
-        servers = [("edgelora", lambda: edgelora_server(
-            model, tmp / "store", args.threads, slots, 8811, OUT / "edgelora.log"))]
-        if not args.skip_llama:
+        wanted = args.servers.split(",")
+        servers = []
+        if "edgelora" in wanted:
+            servers.append(("edgelora", lambda: edgelora_server(
+                model, tmp / "store", args.threads, slots, 8811, OUT / "edgelora.log")))
+        if "llama-server" in wanted:
             binary = subprocess.run([str(Path(__file__).parent / "build_llama_server.sh")],
                                     check=True, capture_output=True,
                                     text=True).stdout.strip().splitlines()[-1]
@@ -188,8 +194,8 @@ def main() -> None:
             if server.failure:
                 sys.exit(f"{server.kind} failed to start: {server.failure}")
             try:
-                # A warm-up turn on other tokens (adapters loaded, nothing the runs can reuse);
-                # with the cache first, so that the no-cache run finds nothing of it in a slot.
+                # The warm-up turn (other user messages); then the cache first, so that the
+                # no-cache run cannot find any of it in a llama-server slot either way.
                 asyncio.run(run_chat(server, api_name, True, args, n_turns=1, salt=1))
                 cached = asyncio.run(run_chat(server, api_name, True, args))
                 pair = [asyncio.run(run_chat(server, api_name, False, args)), cached]
@@ -197,7 +203,8 @@ def main() -> None:
                 server.stop()
             pair[1]["same_answers_as_no_cache"] = same_answers(pair[0], pair[1])
             runs += pair
-    (OUT / "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    name = "results.json" if len(servers) == 2 else f"results_{args.servers}.json"
+    (OUT / name).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     report(runs, args)
 
 
