@@ -422,6 +422,10 @@ def _env(name: str) -> str:
               show_default=True, help="Waiting requests beyond which new ones get 429.")
 @click.option("--adapter-pool-mb", type=click.FloatRange(min=1), envvar=_env("ADAPTER_POOL_MB"),
               default=256, show_default=True, help="Byte budget of the RAM adapter pool.")
+@click.option("--prefix-cache/--no-prefix-cache", envvar=_env("PREFIX_CACHE"), default=True,
+              show_default=True, help="Reuse the KV pages of cached prompt prefixes (per "
+                                      "adapter and scale); requests may opt out with "
+                                      "cache_prompt: false.")
 @click.option("--threads", type=click.IntRange(min=1), envvar=_env("THREADS"), default=None,
               help="Numba threads [default: all, NUMBA_NUM_THREADS].")
 @click.option("--ctx", type=click.IntRange(min=1), envvar=_env("CTX"), default=None,
@@ -435,8 +439,8 @@ def _env(name: str) -> str:
 @click.option("--name", envvar=_env("SERVER_NAME"), default=None,
               help="Answer every request with the header X-Edgelora-Server: NAME.")
 def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs, max_seqs,
-          max_batch_tokens, max_queue, adapter_pool_mb, threads, ctx, log_format, max_body_mb,
-          max_tokens, name):
+          max_batch_tokens, max_queue, adapter_pool_mb, prefix_cache, threads, ctx, log_format,
+          max_body_mb, max_tokens, name):
     """Serve the model and its adapters over HTTP: OpenAI, vLLM and llama-server APIs.
 
     Every adapter of the store is served by name (`model` on /v1 routes, `lora` ids or
@@ -455,9 +459,9 @@ def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs,
     run(ServerOptions(model_path=model_path, store_dir=store_dir, adapters_dir=adapters_dir,
                       host=host, port=port, api_keys=api_keys, allow_adapter_dirs=tuple(allow_dirs),
                       max_seqs=max_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-                      adapter_pool_mb=adapter_pool_mb, threads=threads, ctx=ctx,
-                      log_format=log_format, max_body_mb=max_body_mb, max_tokens=max_tokens,
-                      name=name))
+                      adapter_pool_mb=adapter_pool_mb, prefix_cache=prefix_cache,
+                      threads=threads, ctx=ctx, log_format=log_format, max_body_mb=max_body_mb,
+                      max_tokens=max_tokens, name=name))
 
 
 @main.command("new-key")

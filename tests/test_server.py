@@ -476,6 +476,46 @@ def test_metrics_count_what_happened(server):
         dict(info[0][1])["max_lora"] == "64"
 
 
+def test_prefix_cache_reports_reuse_per_api(server):
+    url, _ = server
+    c = client(url)
+    system = ("You are the assistant of a small shop. Answer in one short sentence, politely, "
+              "and never invent prices or opening hours you were not told. ") * 3
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}]
+    wait_idle(url)
+    before = metrics(url)
+    off = c.chat.completions.create(model="units", messages=messages, max_tokens=8,
+                                    temperature=0, extra_body={"cache_prompt": False})
+    first = c.chat.completions.create(model="units", messages=messages, max_tokens=8,
+                                      temperature=0)
+    again = c.chat.completions.create(model="units", messages=messages, max_tokens=8,
+                                      temperature=0)
+    base = c.chat.completions.create(model=None, messages=messages, max_tokens=8, temperature=0)
+    assert off.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.usage.prompt_tokens_details.cached_tokens == 0   # off fed nothing
+    hit = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < hit < again.usage.prompt_tokens and hit % 32 == 0
+    assert base.usage.prompt_tokens_details.cached_tokens == 0    # another identity
+    assert off.choices[0].message.content == first.choices[0].message.content == \
+        again.choices[0].message.content
+    # llama.cpp's fields: tokens_cached and timings.cache_n; prompt_n counts what was computed.
+    body = {"prompt": system + "Q: what is 2+2?", "n_predict": 4, "temperature": 0,
+            "adapter": "units"}
+    cold = post(url, "/completion", body).json()
+    warm = post(url, "/completion", body).json()
+    assert cold["tokens_cached"] == 0 and cold["timings"]["prompt_n"] == cold["tokens_evaluated"]
+    assert warm["tokens_cached"] == warm["timings"]["cache_n"] > 0
+    assert warm["timings"]["prompt_n"] == warm["tokens_evaluated"] - warm["tokens_cached"]
+    assert warm["generation_settings"]["cache_prompt"] is True
+    unc = post(url, "/completion", {**body, "cache_prompt": False}).json()
+    assert unc["tokens_cached"] == 0 and unc["content"] == warm["content"] == cold["content"]
+    after = wait_idle(url)
+    assert sample(after, "edgelora_prefix_cache_hit_tokens_total") - \
+        sample(before, "edgelora_prefix_cache_hit_tokens_total") == hit + warm["tokens_cached"]
+    assert sample(after, "edgelora_kv_cache_pages_cached") > 0
+    assert sample(after, "edgelora_kv_cache_pages_used") == 0
+
+
 # --- a second server, in this process: tiny queue, injected failure ---------------------------
 
 class InProcessServer:

@@ -132,10 +132,13 @@ class Server:
 
 
 def llama_server(binary: str, model: str, threads: int, slots: int, loras: list[Path],
-                 port: int, log: Path) -> Server:
+                 port: int, log: Path, cache_ram: int | None = 0) -> Server:
+    """cache_ram: its --cache-ram in MiB (0: the host-memory prompt cache off; None: default)."""
     cmd = [binary, "-m", model, "-t", str(threads), "-np", str(slots),
            "-c", str(slots * CTX_PER_SLOT), "--port", str(port), "--no-webui",
-           "--cache-ram", "0", "--lora-init-without-apply"]
+           "--lora-init-without-apply"]
+    if cache_ram is not None:
+        cmd += ["--cache-ram", str(cache_ram)]
     cmd += ["--lora", ",".join(str(p) for p in loras)]
     return Server("llama-server", cmd, port, log)
 

@@ -17,6 +17,8 @@ its `groups` map (ranks and section offsets), which the store keeps in the file'
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +115,13 @@ class PackedAdapter:
 
     def copy_into(self, dst: np.ndarray) -> None:
         dst[:] = self.payload
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The content's identity: a hash of the packed payload (layout, weights, scales)."""
+        h = hashlib.sha256(repr(sorted((n, g.to_json()) for n, g in self.groups.items())).encode())
+        h.update(self.payload)
+        return "packed-sha256:" + h.hexdigest()[:32]
 
     def ranks(self) -> dict[str, list[int]]:
         return {name: list(g.ranks) for name, g in self.groups.items()}

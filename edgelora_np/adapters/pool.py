@@ -161,6 +161,7 @@ class _Entry:
     offset: int
     nbytes: int
     groups: dict
+    fingerprint: str = ""            # its content's identity (see AdapterPool.fingerprint)
     pins: int = 0
     sticky: bool = False
     loading: bool = True
@@ -223,6 +224,7 @@ class AdapterPool:
         self._idle = threading.Condition(self._lock)        # notified when the last one ends
         self._counts = dict(hits=0, misses=0, loads=0, evictions=0, load_failures=0, compactions=0)
         self._load_sum = 0.0
+        self._n_loads = 0                                   # loads started, failed ones too
         self._load_hist = [0] * (len(LOAD_BUCKETS_MS) + 1)
         self._recent = deque(maxlen=4096)
 
@@ -254,6 +256,23 @@ class AdapterPool:
     def pins(self, name: str) -> int:
         e = self._entries.get(name)
         return 0 if e is None else e.pins
+
+    def fingerprint(self, name: str) -> str:
+        """The identity of the weights resident under `name` (the prefix cache's key).
+
+        The record's own `fingerprint` (a PackedAdapter's payload hash, a store row's source
+        hash, checksum and scale); a record without one gets a fingerprint unique to this load,
+        so its KV pages are shared only while it stays resident, never with other weights."""
+        fingerprint = self.resident_fingerprint(name)
+        if fingerprint is None:
+            raise AdapterError(f"adapter {name!r} is not resident")
+        return fingerprint
+
+    def resident_fingerprint(self, name: str) -> str | None:
+        """`fingerprint(name)` if `name` is resident now, else None (unpinned, it may go)."""
+        with self._lock:
+            e = self._entries.get(name)
+            return None if e is None or e.loading else e.fingerprint
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -385,7 +404,9 @@ class AdapterPool:
             raise PoolFullError(f"adapter {name!r} needs {n / 2**20:.1f} MiB, more than the whole "
                                 f"pool ({self.budget / 2**20:.1f} MiB)")
         slot, offset = self._make_room(name, n, protect, may_move)
-        e = _Entry(name, slot, offset, n, record.groups, pins=int(pin), sticky=sticky)
+        self._n_loads += 1
+        fingerprint = getattr(record, "fingerprint", None) or f"pool-load-{self._n_loads}"
+        e = _Entry(name, slot, offset, n, record.groups, fingerprint, pins=int(pin), sticky=sticky)
         self._entries[name] = e
         insort(self._extents, (offset, n, name))
         self._free_slots.remove(slot)

@@ -154,6 +154,14 @@ class StoredAdapter:
     def ranks(self) -> dict[str, list[int]]:
         return {g: list(lay.ranks) for g, lay in self.groups.items()}
 
+    @property
+    def content_fingerprint(self) -> str:
+        """The identity of the packed weights: the source's hash, the import scale, and the
+        payload's size, layout and checksum (the prefix cache keys KV pages by it)."""
+        layout = sorted((g, lay.to_json()) for g, lay in self.groups.items())
+        text = repr((self.source_sha256, self.scale, self.nbytes, self.crc32, layout))
+        return "ela-sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
     def to_json(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "ranks": self.ranks,
                 "nbytes": self.nbytes, "card": self.card, "source": self.source,
@@ -166,6 +174,7 @@ class StoredRecord:
     def __init__(self, path: Path, row: StoredAdapter, payload_offset: int):
         self.path, self.row, self.payload_offset = path, row, payload_offset
         self.groups, self.nbytes = row.groups, row.nbytes
+        self.fingerprint = row.content_fingerprint    # of the content (pool.fingerprint)
 
     def copy_into(self, dst: np.ndarray) -> None:
         name = self.row.name

@@ -32,6 +32,14 @@ Requests are checked when submitted (adapter known, parameters valid, prompt fit
 full), so a bad request is refused alone and never reaches a batch. Admission reserves KV room
 for the whole request (prompt + max_tokens), so a running sequence never runs out of cache.
 
+The prefix cache (model/prefix_cache.py, on unless `prefix_cache=False`, or per request with
+`cache_prompt=False`): once a page of a sequence is full and computed, it is keyed by the
+adapter's identity (content fingerprint and scale, or the base model) and the tokens up to it.
+At admission a request maps the longest run of cached pages of its prompt (all but the last
+prompt token: that one must run to give logits) and prefills only the rest. Admission counts
+a shared page once: a request needs room only for the pages it does not map, and mapping an
+idle cached page takes it out of the room left for others.
+
 Adapters come from two places. `add_adapter(name, path)` loads a PEFT directory or GGUF-LoRA
 file into the pool for good (it has no other copy). With `store=DIR` (adapters/store.py), every
 adapter of the store can be requested by name; the pool (adapters/pool.py) keeps the hot ones
@@ -71,6 +79,7 @@ from edgelora_np.errors import (
 from edgelora_np.kernels.lora import LoraBatch
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.kv_cache import PAGE_SIZE
+from edgelora_np.model.prefix_cache import adapter_identity, page_keys
 from edgelora_np.sampling import Sampler, SamplingParams, StopMatcher
 from edgelora_np.tokenizer import StreamDecoder
 
@@ -91,8 +100,10 @@ class _Sequence:
     decoder: StreamDecoder
     stops: StopMatcher
     budget: int                      # KV positions it may use: prompt + max new tokens
-    reserved: int = 0                # KV positions promised to it at admission (whole pages)
+    cache_prompt: bool = True        # may use and feed the prefix cache
     n_cached: int = 0                # positions already in the KV cache
+    identity: bytes = b""            # what computes its KV (prefix_cache.adapter_identity)
+    keys: list[bytes] = field(default_factory=list)   # prefix keys of its first full pages
     next_token: int | None = None    # sampled, not yet fed back
     slot: int = -1                   # adapter slot in the pool, pinned while running
     unsent: list[int] = field(default_factory=list)   # tokens not yet part of a Delta
@@ -104,8 +115,11 @@ class EngineStats:
 
     waiting: int
     running: int
-    kv_pages_used: int
-    kv_pages_free: int
+    kv_pages_used: int                    # held by sequences (a shared page counts once)
+    kv_pages_free: int                    # free or idle cached (evicted when needed)
+    kv_pages_cached: int                  # idle cached pages: kept for prefix hits
+    prefix_hit_tokens: int                # prompt positions served from the prefix cache
+    prefix_evictions: int                 # cached pages evicted for new content
     running_adapters: tuple[str, ...]     # distinct adapters of running requests
     waiting_adapters: tuple[str, ...]     # ... of waiting ones
     max_adapters: int
@@ -115,7 +129,8 @@ class Engine:
     def __init__(self, model, *, max_batch_tokens: int = 256, max_seqs: int = 16,
                  kv_tokens: int | None = None, max_adapters: int = 64,
                  adapter_pool_mb: float = 256, store=None, policy: str = "lru",
-                 prefetch: bool = True, background: bool = True, max_queue: int | None = None):
+                 prefetch: bool = True, background: bool = True, max_queue: int | None = None,
+                 prefix_cache: bool = True):
         if max_batch_tokens < 1 or max_seqs < 1:
             raise EdgeLoraError("max_batch_tokens and max_seqs must be at least 1")
         if max_queue is not None and max_queue < 0:
@@ -125,6 +140,7 @@ class Engine:
         self.max_seqs = max_seqs
         self.max_queue = max_queue
         self.background = background
+        self.prefix_cache = prefix_cache         # reuse KV pages across requests (per request too)
         self.cache = model.llama.new_cache(kv_tokens or max(model.n_ctx, max_seqs * PAGE_SIZE),
                                            max_seq_len=model.n_ctx)
         self.pool = AdapterPool(model.config, int(adapter_pool_mb * 2**20), max_slots=max_adapters,
@@ -136,7 +152,6 @@ class Engine:
         self._adapter_users: dict[str, int] = {}
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._reserved = 0                       # KV positions promised to admitted sequences
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -232,12 +247,13 @@ class Engine:
 
     def submit(self, prompt, *, adapter: str | None = None, adapter_scale: float = 1.0,
                chat: bool = False, allowed: Callable[[str], bool] | None = None,
-               **sampling) -> Generation:
+               cache_prompt: bool = True, **sampling) -> Generation:
         """Queue a request (text, chat message(s) with chat=True, or token ids).
 
         `adapter="auto"` lets the router choose among the adapters `allowed` accepts (default:
         all), or the base model; the Generation's `route` says what it chose and why.
-        `adapter_scale` multiplies this request's LoRA correction (1 = as imported)."""
+        `adapter_scale` multiplies this request's LoRA correction (1 = as imported).
+        `cache_prompt=False` keeps this request out of the prefix cache (no reuse, no sharing)."""
         params = SamplingParams(**sampling)
         if not np.isfinite(adapter_scale):
             raise SamplingError(f"adapter_scale must be finite, got {adapter_scale!r}")
@@ -273,7 +289,8 @@ class Engine:
                              adapter_scale=float(adapter_scale), route=route, _engine=self)
             self._waiting.append(_Sequence(
                 next(self._ids), ids, adapter, float(adapter_scale), params, gen, sampler,
-                StreamDecoder(self.model.tokenizer), StopMatcher(params.stop), budget))
+                StreamDecoder(self.model.tokenizer), StopMatcher(params.stop), budget,
+                cache_prompt=bool(cache_prompt) and self.prefix_cache))
         self._wake.set()
         self._prefetch_wake.set()
         if self.background:
@@ -312,10 +329,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            free = len(self.cache._free)
+            prefix = self.cache.prefix
             return EngineStats(
                 waiting=len(self._waiting), running=len(self._running),
-                kv_pages_used=self.cache.n_pages - free, kv_pages_free=free,
+                kv_pages_used=self.cache.held_pages, kv_pages_free=self.cache.free_pages,
+                kv_pages_cached=prefix.n_idle, prefix_hit_tokens=prefix.hit_tokens,
+                prefix_evictions=prefix.evictions,
                 running_adapters=tuple(sorted({s.adapter for s in self._running if s.adapter})),
                 waiting_adapters=tuple(sorted({s.adapter for s in self._waiting if s.adapter})),
                 max_adapters=self.pool.max_slots)
@@ -349,6 +368,8 @@ class Engine:
             return len(batch)
         for seq in self._running:
             seq.n_cached = self.cache.length(seq.seq_id)
+            if seq.cache_prompt:
+                self._share(seq)
         for i, seq in enumerate(plan):
             self._emit(seq, logits[i])
         return len(batch)
@@ -433,7 +454,6 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
             self.cache.release(seq.seq_id)
-            self._reserved -= seq.reserved
         elif seq in self._waiting:
             self._waiting.remove(seq)
         if seq.slot >= 0:
@@ -452,25 +472,77 @@ class Engine:
         A request needs its adapter pinned first (`_pin_adapter`). When the pool cannot make
         room because every resident adapter is pinned, the request waits, and requests behind
         it are admitted only with adapters that are already pinned, so the pinned set can only
-        shrink until it fits."""
-        capacity = self.cache.n_pages * PAGE_SIZE
+        shrink until it fits.
+
+        KV room: the pages running sequences will still allocate, plus this request's pages
+        not mapped from the prefix cache, must fit in the free and idle pages (less the idle
+        pages it maps). The hit is looked up before pinning (none if the adapter is not
+        resident), and again once pinned, when the adapter's identity cannot change."""
+        cache = self.cache
+        owed = sum(cache.pages_needed(s.seq_id, s.budget) for s in self._running)
         pool_blocked = False
         for seq in list(self._waiting):
             if len(self._running) >= self.max_seqs:
                 break
-            need = -(-seq.budget // PAGE_SIZE) * PAGE_SIZE
-            if self._reserved + need > capacity:
+            if not self._fits(seq, self._lookup(seq, pinned=False), owed):
                 break
             if seq.adapter is not None:
                 state = self._pin_adapter(seq, pool_blocked)
                 pool_blocked = pool_blocked or state == "blocked"
                 if state != "pinned":
                     continue
+            hit = self._lookup(seq)
+            if not self._fits(seq, hit, owed):   # the adapter changed while it was unpinned
+                if seq.slot >= 0:
+                    seq.slot = -1
+                    self.pool.release(seq.adapter)
+                break
             self._waiting.remove(seq)
-            self._reserved += need
-            seq.reserved = need
+            if hit:
+                cache.map_prefix(seq.seq_id, hit)
+                seq.n_cached = len(hit) * PAGE_SIZE
+                seq.gen.cached_tokens = seq.n_cached
+            owed += cache.pages_needed(seq.seq_id, seq.budget)
             seq.gen.admitted = time.perf_counter()
             self._running.append(seq)
+
+    def _fits(self, seq: _Sequence, hit: list[int], owed: int) -> bool:
+        """Room for `seq` after the `owed` pages of running sequences, mapping `hit`."""
+        need = -(-seq.budget // PAGE_SIZE) - len(hit)
+        idle_taken = sum(self.cache.prefix.is_idle(p) for p in hit)
+        return owed + need <= self.cache.free_pages - idle_taken
+
+    def _lookup(self, seq: _Sequence, pinned: bool = True) -> list[int]:
+        """The cached pages of the longest prefix of the prompt (but its last token).
+        Before its adapter is pinned (`pinned=False`), nothing if that is not resident."""
+        if not seq.cache_prompt:
+            return []
+        fingerprint = None
+        if seq.adapter is not None:
+            fingerprint = self.pool.resident_fingerprint(seq.adapter)
+            if fingerprint is None:
+                if pinned:
+                    raise EngineError(f"adapter {seq.adapter!r} is pinned but not resident")
+                return []
+        seq.identity = adapter_identity(fingerprint, seq.scale)
+        n_full = (len(seq.prompt) - 1) // PAGE_SIZE
+        keys = page_keys(seq.identity, seq.prompt, n_full)
+        hit = self.cache.prefix.lookup(keys)
+        seq.keys = keys[:len(hit)]
+        return hit
+
+    def _share(self, seq: _Sequence) -> None:
+        """Key the pages of `seq` that became full and computed (prompt or generated tokens)."""
+        n_full = seq.n_cached // PAGE_SIZE
+        if n_full <= len(seq.keys):
+            return
+        tokens = np.concatenate([seq.prompt, np.asarray(seq.gen.token_ids, np.int32)])
+        first = len(seq.keys)
+        new = page_keys(seq.identity, tokens[:n_full * PAGE_SIZE], n_full - first,
+                        seq.keys[-1] if seq.keys else None, first)
+        for i, key in enumerate(new, first):
+            self.cache.share(seq.seq_id, i, key)
+        seq.keys.extend(new)
 
     def _pin_adapter(self, seq: _Sequence, pool_blocked: bool) -> str:
         """Pin a waiting request's adapter. Returns "pinned"; "wait" (not now); "blocked" (the

@@ -45,6 +45,7 @@ class Generation:
     """
 
     prompt_tokens: int
+    cached_tokens: int = 0             # prompt positions served from the prefix cache
     adapter: str | None = None
     adapter_scale: float = 1.0
     token_ids: list[int] = field(default_factory=list)

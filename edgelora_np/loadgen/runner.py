@@ -43,14 +43,17 @@ RSS_SAMPLE_S = 0.25       # how often the server's resident memory is sampled
 DETAIL_CHARS = 200        # of an error's message kept in a result
 
 
-def make_client(url: str, *, api_key: str | None = None,
-                timeout: float = DEFAULT_TIMEOUT) -> httpx.AsyncClient:
+def make_client(url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                keepalive: bool = True) -> httpx.AsyncClient:
     """An HTTP client with no connection limit (an open loop must not queue in the client)
-    that ignores proxy variables (a benchmark measures the server, not a proxy)."""
+    that ignores proxy variables (a benchmark measures the server, not a proxy).
+    keepalive=False: a new connection per request (a closed loop that pauses between requests
+    would otherwise reuse connections the server has closed: llama-server's idle timeout is 5 s)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(timeout),
                              limits=httpx.Limits(max_connections=None,
-                                                 max_keepalive_connections=None),
+                                                 max_keepalive_connections=None if keepalive
+                                                 else 0),
                              trust_env=False)
 
 

@@ -6,6 +6,12 @@ owns a list of pages, so memory follows the tokens actually cached, not max_seqs
 The pool is an anonymous memory map, which the OS backs lazily: pages never written cost no RAM.
 Transparent huge pages are turned off for it, or the first token written to each layer would
 make 2 MB resident instead of 4 KB.
+
+Pages are reference-counted: sequences with a common prefix (same adapter identity, same tokens)
+map the same full pages (model/prefix_cache.py says which). A page is in exactly one of three
+states: held (refcount > 0), idle (refcount 0 but keyed: kept for a later hit, evictable, LRU) or
+free. Allocation takes a free page, else evicts the oldest idle one; a held page is never taken.
+`free_tokens` counts free and idle pages: both are room for new tokens.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import numpy as np
 
 from edgelora_np.errors import ContextOverflowError
 from edgelora_np.model.config import LlamaConfig
+from edgelora_np.model.prefix_cache import PAGE_SIZE, PrefixCache
 
-PAGE_SIZE = 32
+__all__ = ["PAGE_SIZE", "PagedKVCache"]
 
 
 class PagedKVCache:
@@ -31,6 +38,8 @@ class PagedKVCache:
         self._free = list(range(n_pages - 1, -1, -1))      # a stack: low page ids first
         self._pages: dict[int, list[int]] = {}             # seq id -> its pages, in order
         self._lengths: dict[int, int] = {}                 # seq id -> positions cached
+        self._refs = np.zeros(n_pages, np.int32)           # [P] sequences holding each page
+        self.prefix = PrefixCache()                        # keyed pages and the idle LRU
 
     @property
     def n_pages(self) -> int:
@@ -38,7 +47,20 @@ class PagedKVCache:
 
     @property
     def free_tokens(self) -> int:
-        return len(self._free) * PAGE_SIZE
+        """Room for new positions: free pages and idle cached pages (evicted on demand)."""
+        return self.free_pages * PAGE_SIZE
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free) + self.prefix.n_idle
+
+    @property
+    def held_pages(self) -> int:
+        """Pages some sequence holds (a page shared by several counts once)."""
+        return self.n_pages - self.free_pages
+
+    def pages(self, seq_id: int) -> list[int]:
+        return list(self._pages.get(seq_id, ()))
 
     def length(self, seq_id: int) -> int:
         return self._lengths.get(seq_id, 0)
@@ -54,18 +76,52 @@ class PagedKVCache:
                 f"sequence {seq_id} needs {new_length} positions, the context holds "
                 f"{self.max_seq_len}")
         need = self.pages_needed(seq_id, new_length)
-        if need > len(self._free):
+        if need > self.free_pages:
             raise ContextOverflowError(
                 f"KV cache full: sequence {seq_id} needs {need} more pages of {PAGE_SIZE}, "
-                f"{len(self._free)} free")
+                f"{self.free_pages} free")
         pages = self._pages.setdefault(seq_id, [])
-        pages.extend(self._free.pop() for _ in range(need))
+        pages.extend(self._take() for _ in range(need))
         self._lengths[seq_id] = max(self._lengths.get(seq_id, 0), new_length)
 
+    def map_prefix(self, seq_id: int, pages: list[int]) -> None:
+        """Start a new sequence on cached full pages (from `prefix.lookup`): positions
+        0..32*len(pages)-1 are cached already; its later pages are its own."""
+        if self._pages.get(seq_id):
+            raise ValueError(f"sequence {seq_id} already holds pages")
+        for page in pages:
+            if not self.prefix.keyed(page):
+                raise ValueError(f"page {page} is not a cached page")
+            self._hold(page)
+        self._pages[seq_id] = list(pages)
+        self._lengths[seq_id] = len(pages) * PAGE_SIZE
+        self.prefix.hit_tokens += len(pages) * PAGE_SIZE
+
+    def share(self, seq_id: int, index: int, key: bytes) -> bool:
+        """Make page `index` of a sequence (full and computed) addressable by `key`."""
+        if (index + 1) * PAGE_SIZE > self._lengths.get(seq_id, 0):
+            raise ValueError(f"page {index} of sequence {seq_id} is not full")
+        return self.prefix.register(self._pages[seq_id][index], key)
+
     def release(self, seq_id: int) -> None:
-        """Return a sequence's pages to the pool."""
-        self._free.extend(reversed(self._pages.pop(seq_id, [])))
+        """Let go of a sequence's pages: each one nobody else holds becomes idle (if keyed)
+        or free. The last page goes first, so a prefix's first page is evicted last."""
+        for page in reversed(self._pages.pop(seq_id, [])):
+            self._refs[page] -= 1
+            if self._refs[page] == 0 and not self.prefix.release(page):
+                self._free.append(page)
         self._lengths.pop(seq_id, None)
+
+    def _take(self) -> int:
+        """A page for new content: a free one, else the oldest idle cached one."""
+        page = self._free.pop() if self._free else self.prefix.evict()
+        self._refs[page] = 1
+        return page
+
+    def _hold(self, page: int) -> None:
+        if self._refs[page] == 0:
+            self.prefix.acquire(page)
+        self._refs[page] += 1
 
     def block_table(self, seq_ids: np.ndarray) -> np.ndarray:
         """[S, max pages] int32: row s lists the pages of seq_ids[s] (padding -1)."""

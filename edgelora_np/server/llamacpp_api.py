@@ -56,9 +56,9 @@ def _adapter_of(service, tenant, body: LlamaCompletionRequest) -> tuple[str | No
 
 
 def _timings(gen) -> dict:
-    n_prompt, n_gen = gen.prompt_tokens, len(gen.token_ids)
+    n_prompt, n_gen = gen.prompt_tokens - gen.cached_tokens, len(gen.token_ids)  # computed
     prompt_ms, gen_ms = gen.prefill_seconds * 1e3, gen.decode_seconds * 1e3
-    return {"cache_n": 0,
+    return {"cache_n": gen.cached_tokens,
             "prompt_n": n_prompt, "prompt_ms": prompt_ms,
             "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
             "prompt_per_second": 1e3 * n_prompt / prompt_ms if prompt_ms else 0.0,
@@ -86,7 +86,8 @@ async def completion(body: LlamaCompletionRequest, request: Request, response: R
                 for name, default in DEFAULTS.items()}
     sampling = {**settings, "max_tokens": body.n_predict if body.n_predict > 0 else
                 service.model.n_ctx, "ignore_eos": body.ignore_eos,
-                "stop": [body.stop] if isinstance(body.stop, str) else body.stop or []}
+                "stop": [body.stop] if isinstance(body.stop, str) else body.stop or [],
+                "cache_prompt": body.cache_prompt}
     if body.seed is not None and body.seed != -1:
         sampling["seed"] = body.seed
     flight = await service.submit(tenant, body.prompt, adapter=adapter, scale=scale, **sampling)
@@ -103,7 +104,7 @@ async def completion(body: LlamaCompletionRequest, request: Request, response: R
                                                  for c in body.lora or ()]},
                 "prompt": prompt_text, "has_new_line": "\n" in gen.text, "truncated": False,
                 "stop_type": _stop_type(gen), "stopping_word": gen.stopping_word,
-                "tokens_cached": 0, "timings": _timings(gen)}
+                "tokens_cached": gen.cached_tokens, "timings": _timings(gen)}
 
     if not body.stream:
         await service.finish(request, flight)

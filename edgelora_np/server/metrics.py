@@ -9,7 +9,10 @@ adapter pool (EngineCollector), so a scrape always shows the present state:
     edgelora_e2e_request_latency_seconds            histogram, from arrival to the last token
     edgelora_time_per_output_token_seconds          histogram, per request: decode time / (n - 1)
     edgelora_num_requests_waiting / _running        gauges
-    edgelora_kv_cache_pages_used / _free            gauges (pages of 32 positions)
+    edgelora_kv_cache_pages_used / _free / _cached  gauges (pages of 32 positions; free counts
+                                                    the idle cached pages, evicted on demand)
+    edgelora_prefix_cache_hit_tokens_total          prompt tokens served from the prefix cache
+    edgelora_prefix_cache_evictions_total           cached KV pages evicted for new content
     edgelora_kv_cache_usage_perc                    gauge: used / all pages, 0 to 1 (vLLM's form)
     edgelora_adapter_pool_{hits,misses,loads,evictions}_total, _bytes_resident, _bytes_pinned
     edgelora_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}
@@ -43,7 +46,10 @@ class EngineCollector:
                 ("num_requests_waiting", s.waiting, "Requests waiting to be admitted."),
                 ("num_requests_running", s.running, "Requests in the running batch."),
                 ("kv_cache_pages_used", s.kv_pages_used, "KV cache pages held by sequences."),
-                ("kv_cache_pages_free", s.kv_pages_free, "KV cache pages free."),
+                ("kv_cache_pages_free", s.kv_pages_free,
+                 "KV cache pages free (idle cached pages included: evicted on demand)."),
+                ("kv_cache_pages_cached", s.kv_pages_cached,
+                 "Idle KV cache pages kept for prefix-cache hits."),
                 ("adapter_pool_bytes_resident", p.bytes_resident, "Adapter bytes in the pool."),
                 ("adapter_pool_bytes_pinned", p.bytes_pinned,
                  "Adapter bytes pinned by requests (or added for good)."),
@@ -53,6 +59,10 @@ class EngineCollector:
         yield GaugeMetricFamily("edgelora_kv_cache_usage_perc", "KV cache pages in use, 0 to 1 "
                                 "(vLLM's kv_cache_usage_perc).",
                                 value=s.kv_pages_used / pages if pages else 0.0)
+        yield CounterMetricFamily("edgelora_prefix_cache_hit_tokens", "Prompt tokens served "
+                                  "from the prefix cache.", value=s.prefix_hit_tokens)
+        yield CounterMetricFamily("edgelora_prefix_cache_evictions", "Cached KV pages evicted "
+                                  "for new content.", value=s.prefix_evictions)
         for name, value in (("hits", p.hits), ("misses", p.misses), ("loads", p.loads),
                             ("evictions", p.evictions), ("load_failures", p.load_failures)):
             yield CounterMetricFamily(f"edgelora_adapter_pool_{name}",

@@ -43,7 +43,8 @@ FINISH = {"stop": "stop", "length": "length", "context": "length"}
 
 def sampling_of(req, max_tokens: int) -> dict:
     """Engine sampling keywords from a request (absent fields: llama-server's defaults)."""
-    kw = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
+    kw = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos,
+          "cache_prompt": req.cache_prompt}
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n"):
         value = getattr(req, name)
         if value is not None:
@@ -69,7 +70,8 @@ def unsupported(**fields) -> None:
 def usage(gen) -> dict:
     n = len(gen.token_ids)
     return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
-            "total_tokens": gen.prompt_tokens + n, "prompt_tokens_details": {"cached_tokens": 0}}
+            "total_tokens": gen.prompt_tokens + n,
+            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens}}
 
 
 def sse_event(payload) -> dict:

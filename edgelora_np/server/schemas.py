@@ -33,6 +33,8 @@ class _Sampling(_Request):
     seed: int | None = Field(None, description="RNG seed; absent or -1 = random")
     stop: str | list[str] | None = None
     ignore_eos: bool = False
+    cache_prompt: bool = Field(True, description="reuse cached KV pages of an identical prompt "
+                                                 "prefix (same adapter and scale); llama.cpp's field")
 
 
 # --- OpenAI ---------------------------------------------------------------------------------
@@ -158,12 +160,11 @@ class LlamaCompletionRequest(_Sampling):
     lora: list[LoraChoice] | None = Field(None, description="[{id, scale}], ids as in "
                                                             "GET /lora-adapters")
     adapter: str | None = Field(None, description="an adapter by name (edgelora's extension)")
-    cache_prompt: bool = True
     n_probs: int = 0
 
 
 class Timings(BaseModel):
-    cache_n: int = 0
+    cache_n: int = 0                # prompt tokens served from the prefix cache
     prompt_n: int
     prompt_ms: float
     prompt_per_token_ms: float
@@ -189,7 +190,7 @@ class LlamaCompletionResponse(BaseModel):
     truncated: bool = False
     stop_type: Literal["eos", "word", "limit", "none"]
     stopping_word: str = ""
-    tokens_cached: int = 0
+    tokens_cached: int = 0          # as cache_n: prompt tokens reused from the prefix cache
     timings: Timings
 
 

@@ -99,6 +99,7 @@ class ServerOptions:
     max_batch_tokens: int = 256
     max_queue: int = 256
     adapter_pool_mb: float = 256
+    prefix_cache: bool = True              # reuse KV pages of cached prompt prefixes
     threads: int | None = None
     ctx: int | None = None
     log_format: str = "text"
@@ -170,7 +171,7 @@ class Service:
             self._import_folder(store, model, Path(o.adapters_dir))
         engine = Engine(model, store=store, max_seqs=o.max_seqs,
                         max_batch_tokens=o.max_batch_tokens, max_queue=o.max_queue,
-                        adapter_pool_mb=o.adapter_pool_mb,
+                        adapter_pool_mb=o.adapter_pool_mb, prefix_cache=o.prefix_cache,
                         kv_tokens=o.max_seqs * model.n_ctx)
         for row in store.rows():
             if row.fingerprint == model.fingerprint:
