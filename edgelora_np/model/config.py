@@ -53,8 +53,8 @@ def config_from_gguf(gf: GGUFFile) -> LlamaConfig:
     if file_type != "model":
         raise UnsupportedModelError(f"{gf.path}: general.type is {file_type!r}, expected 'model'")
 
-    def count(name, default=None):
-        return _count(gf, f"{arch}.{name}", default)
+    def count(name, default=None, minimum=1):
+        return _count(gf, f"{arch}.{name}", default, minimum)
 
     def number(name, default=None):
         return _number(gf, f"{arch}.{name}", default)
@@ -70,7 +70,7 @@ def config_from_gguf(gf: GGUFFile) -> LlamaConfig:
         raise UnsupportedModelError(f"{gf.path}: rope scaling {scaling!r} is not supported")
     factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
     cfg = LlamaConfig(
-        n_layers=count("block_count"),
+        n_layers=count("block_count", minimum=0),     # 0: embed -> norm -> output
         dim=dim,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
@@ -88,12 +88,12 @@ def config_from_gguf(gf: GGUFFile) -> LlamaConfig:
     return cfg
 
 
-def _count(gf: GGUFFile, key: str, default=None) -> int:
-    """A metadata size (dims, heads, layers): a positive integer, at most MAX_COUNT."""
+def _count(gf: GGUFFile, key: str, default=None, minimum: int = 1) -> int:
+    """A metadata size (dims, heads, layers): an integer in minimum..MAX_COUNT."""
     value = gf.field(key) if default is None else gf.fields.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
         raise GGUFFormatError(f"{gf.path}: metadata {key} is {value!r}, expected an integer in "
-                              f"1..{MAX_COUNT}")
+                              f"{minimum}..{MAX_COUNT}")
     return value
 
 
