@@ -231,14 +231,24 @@ def test_hand_stepped_engine_never_blocks_a_consumer(tiny):
 
 
 def test_full_queue_refuses(tiny):
+    """max_seqs=1, max_queue=2: three in flight, the fourth refused; a finished request's slot
+    is room at once, before the next step admits anyone."""
     model, _ = tiny
-    engine = el.Engine(model, background=False, max_queue=2)
+    engine = el.Engine(model, background=False, max_seqs=1, max_queue=2)
     kw = dict(max_tokens=2, temperature=0.0, ignore_eos=True)
-    queued = [engine.submit(PROMPTS[0], **kw) for _ in range(2)]
+    queued = [engine.submit(PROMPTS[0], **kw) for _ in range(3)]    # one for the slot, two wait
     with pytest.raises(QueueFullError, match="2 requests are already waiting"):
         engine.submit(PROMPTS[0], **kw)
-    engine.step()                                     # admits both: the queue has room again
-    queued.append(engine.submit(PROMPTS[0], **kw))
+    engine.step()                                     # admits one: two still wait
+    assert engine.stats().running == 1 and engine.stats().waiting == 2
+    with pytest.raises(QueueFullError, match="2 requests are already waiting"):
+        engine.submit(PROMPTS[0], **kw)
+    while queued[0].finish_reason is None:
+        engine.step()
+    assert engine.stats().running == 0 and engine.stats().waiting == 2
+    queued.append(engine.submit(PROMPTS[0], **kw))    # the freed slot is room
+    with pytest.raises(QueueFullError, match="2 requests are already waiting"):
+        engine.submit(PROMPTS[0], **kw)
     while engine.pending:
         engine.step()
     assert all(g.finish_reason == "length" for g in queued)

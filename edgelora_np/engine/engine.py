@@ -278,8 +278,11 @@ class Engine:
                 raise self.failure
             if self._closed:
                 raise EngineError("the engine is closed")
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting "
+            # A slot freed since the last step counts as room: its request is not waiting
+            # behind anyone, so a client at max_seqs + max_queue in flight is never refused.
+            queued = len(self._waiting) - max(0, self.max_seqs - len(self._running))
+            if self.max_queue is not None and queued >= self.max_queue:
+                raise QueueFullError(f"{queued} requests are already waiting "
                                      f"(the queue holds {self.max_queue}); retry later")
             if adapter is not None:
                 self.check_adapter(adapter)
