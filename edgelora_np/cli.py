@@ -438,14 +438,18 @@ def _env(name: str) -> str:
               help="No request generates more tokens than this (default: the context).")
 @click.option("--name", envvar=_env("SERVER_NAME"), default=None,
               help="Answer every request with the header X-Edgelora-Server: NAME.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), envvar=_env("DRAIN_TIMEOUT"),
+              default=30.0, show_default=True,
+              help="On SIGTERM, seconds the accepted requests may take to finish (new ones "
+                   "get 503 meanwhile).")
 def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs, max_seqs,
           max_batch_tokens, max_queue, adapter_pool_mb, prefix_cache, threads, ctx, log_format,
-          max_body_mb, max_tokens, name):
+          max_body_mb, max_tokens, name, drain_timeout):
     """Serve the model and its adapters over HTTP: OpenAI, vLLM and llama-server APIs.
 
     Every adapter of the store is served by name (`model` on /v1 routes, `lora` ids or
     `adapter` on /completion); requests with different adapters share each forward.
-    Ctrl-C stops it."""
+    SIGTERM or Ctrl-C drains (--drain-timeout), a second one stops at once."""
     import numba
 
     from edgelora_np.server.main import run
@@ -461,7 +465,7 @@ def serve(model_path, store_dir, adapters_dir, host, port, api_keys, allow_dirs,
                       max_seqs=max_seqs, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                       adapter_pool_mb=adapter_pool_mb, prefix_cache=prefix_cache,
                       threads=threads, ctx=ctx, log_format=log_format, max_body_mb=max_body_mb,
-                      max_tokens=max_tokens, name=name))
+                      max_tokens=max_tokens, name=name, drain_timeout_s=drain_timeout))
 
 
 @main.command("new-key")

@@ -48,6 +48,14 @@ class AdapterError(EdgeLoraError):
     """A LoRA adapter is malformed, unsupported, or does not fit the base model."""
 
 
+class StoreWriteError(AdapterError):
+    """An adapter could not be written into the store (`disk_full`: no space left)."""
+
+    def __init__(self, message: str, *, disk_full: bool = False):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
 class CapacityError(EdgeLoraError):
     """A bounded resource (adapter slots, KV pages, the adapter pool) is exhausted."""
 

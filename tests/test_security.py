@@ -20,7 +20,7 @@ from test_tokenizer import byte_level_fields
 
 from edgelora_np.adapters.store import AdapterStore
 from edgelora_np.errors import AdapterError, TokenizerError
-from edgelora_np.server.openai_api import confined
+from edgelora_np.server.openai_api import confined, snapshot
 from edgelora_np.server.service import ApiError, ServerOptions, Service
 from edgelora_np.server.tenants import Tenants, hash_key
 from edgelora_np.tokenizer import Tokenizer
@@ -81,6 +81,40 @@ def test_fifos_and_devices_are_refused(roots):
     if os.geteuid() == 0:                                   # a device node inside the root
         os.mknod(allowed / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
         assert status_of(allowed / "null", allowed) == 403
+
+
+def test_a_load_reads_a_private_copy_made_without_following_links(roots):
+    allowed, _ = roots
+    checked = confined(str(allowed / "good"), (str(allowed),))
+    with snapshot(str(allowed / "good"), checked, (str(allowed),)) as copy:
+        assert sorted(p.name for p in copy.iterdir()) == sorted(
+            p.name for p in (allowed / "good").iterdir())
+        for f in copy.iterdir():
+            assert f.read_bytes() == (allowed / "good" / f.name).read_bytes()
+    assert not copy.exists()                                  # removed after the import
+
+
+@pytest.mark.parametrize("swap", ["file", "directory", "fifo"])
+def test_a_link_swapped_in_after_the_check_is_refused(roots, swap):
+    """The race the check alone loses: the path is checked, then a file (or the directory
+    itself) becomes a symlink out of the root, or a FIFO, before it is read."""
+    allowed, outside = roots
+    good = allowed / "good"
+    checked = confined(str(good), (str(allowed),))
+    if swap == "file":
+        (good / "adapter_model.safetensors").unlink()
+        (good / "adapter_model.safetensors").symlink_to(outside / "evil" /
+                                                        "adapter_model.safetensors")
+    elif swap == "directory":
+        shutil.rmtree(good)
+        good.symlink_to(outside / "evil")
+    else:
+        (good / "adapter_config.json").unlink()
+        os.mkfifo(good / "adapter_config.json")
+    with pytest.raises(ApiError) as e:
+        with snapshot(str(good), checked, (str(allowed),)):
+            pass
+    assert e.value.status == 403 and "changed into a link, FIFO or device" in e.value.message
 
 
 def test_store_import_refuses_a_fifo_instead_of_hanging(tmp_path):

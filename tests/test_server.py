@@ -519,7 +519,7 @@ def test_prefix_cache_reports_reuse_per_api(server):
 # --- a second server, in this process: tiny queue, injected failure ---------------------------
 
 class InProcessServer:
-    def __init__(self, model, tmp_path, **options):
+    def __init__(self, model, tmp_path, *, adapters_dir=ADAPTERS, **options):
         import uvicorn
 
         from edgelora_np.server.app import create_app
@@ -527,8 +527,9 @@ class InProcessServer:
         from edgelora_np.server.service import ServerOptions, Service
 
         port = free_port()
-        self.service = Service(ServerOptions(port=port, store_dir=str(tmp_path / "store"),
-                                             adapters_dir=str(ADAPTERS), **options), None)
+        self.service = Service(ServerOptions(
+            port=port, store_dir=str(tmp_path / "store"),
+            adapters_dir=adapters_dir and str(adapters_dir), **options), None)
         self.service.load(model)
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), log_config=None,
                                                     access_log=False))

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelora_np.adapters.packed import ALIGN, GroupLayout, PackedAdapter, pack
-from edgelora_np.errors import AdapterError
+from edgelora_np.errors import AdapterError, StoreWriteError
 
 MAGIC = b"EDGELORA"
 VERSION = 1
@@ -377,9 +377,10 @@ class AdapterStore:
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-            raise AdapterError(f"adapter {name!r}: could not be written to {self.root}: {why}; "
-                               "the store is unchanged") from None
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            why = "the disk is full" if full else e.strerror or str(e)
+            raise StoreWriteError(f"adapter {name!r}: could not be written to {self.root}: "
+                                  f"{why}; the store is unchanged", disk_full=full) from None
         card = {"description": "", "keywords": [], "example_prompts": [], **(card or {})}
         with self._lock:
             try:
@@ -387,14 +388,18 @@ class AdapterStore:
                                  (name, fingerprint, json.dumps(groups), int(payload.nbytes), crc,
                                   json.dumps(card), source, source_sha256, float(scale), time.time()))
             except sqlite3.DatabaseError as e:     # e.g. "database or disk is full"
-                raise AdapterError(f"adapter {name!r}: the store index could not be updated: {e}; "
-                                   "the adapter is not in the store") from None
+                raise StoreWriteError(f"adapter {name!r}: the store index could not be updated: "
+                                      f"{e}; the adapter is not in the store",
+                                      disk_full=isinstance(e, sqlite3.OperationalError)
+                                      and "full" in str(e)) from None
 
     def import_adapter(self, source: str | os.PathLike, cfg, fingerprint: str, *,
                        name: str | None = None, scale: float = 1.0, card: dict | None = None,
-                       force: bool = False) -> str:
+                       force: bool = False, origin: str | None = None) -> str:
         """Convert a PEFT directory or GGUF-LoRA file into the store; returns "imported" or
-        "unchanged" (same name, same source bytes, same scale and base: nothing to do)."""
+        "unchanged" (same name, same source bytes, same scale and base: nothing to do).
+        `origin`: the source recorded in the index (default: the resolved path; a server
+        loading from a private copy records where the copy came from)."""
         from edgelora_np.adapters.formats import load_adapter
 
         source = Path(source)
@@ -413,7 +418,7 @@ class AdapterStore:
                 return "unchanged"
         adapter = load_adapter(source, cfg, scale=scale, name=name)
         self.put(name, pack(adapter, cfg), fingerprint=fingerprint, card=card,
-                 source=str(source.resolve()), source_sha256=sha, scale=scale)
+                 source=origin or str(source.resolve()), source_sha256=sha, scale=scale)
         return "imported"
 
     def remove(self, name: str) -> None:

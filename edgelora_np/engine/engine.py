@@ -625,8 +625,9 @@ class Engine:
                 self._prefetcher.start()
             self._thread.start()
 
-    def close(self) -> None:
-        """Stop the threads and cancel every request still waiting or running."""
+    def close(self, error: EngineError | None = None) -> None:
+        """Stop the threads and end every request still waiting or running: cancelled, or
+        failed with `error` (what a server shutting down tells their clients)."""
         with self._lock:
             self._closed = True
         self._wake.set()
@@ -635,7 +636,7 @@ class Engine:
             if t is not None and t is not threading.current_thread():
                 t.join()
         with self._lock:
-            self._end_all("cancelled", None)
+            self._end_all("cancelled" if error is None else "error", error)
 
     def _loop(self) -> None:
         # Numba's thread count is per calling thread: the model's must be set on this one.

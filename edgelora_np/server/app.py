@@ -31,7 +31,7 @@ from edgelora_np.server.tenants import Tenant
 
 log = logging.getLogger("edgelora_np.server")
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503, 507)}
 
 
 def create_app(service: Service) -> FastAPI:

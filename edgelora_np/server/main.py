@@ -4,6 +4,11 @@ The socket is bound first (a busy port is a one-line error, not a traceback), uv
 serving /health (503 "Loading model") at once, and a loader thread loads the model, imports
 --adapters into the store and starts the engine; then the banner with the URL and a curl
 example is printed. A load that fails stops the server and run() raises its error.
+
+SIGTERM (or Ctrl-C) drains: /health and new requests get 503 (a balancer sends them to another
+board), the requests already accepted, queued or running, finish within --drain-timeout, then
+the server stops and run() returns (exit status 0). Requests still going at the timeout are
+cancelled. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import threading
 import time
 
 import click
+import uvicorn
 
-from edgelora_np.errors import EdgeLoraError
+from edgelora_np.errors import EdgeLoraError, EngineError
 from edgelora_np.server.service import ServerOptions, Service
 from edgelora_np.server.tenants import Tenants
 
@@ -60,6 +66,37 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, but its first SIGTERM/SIGINT drains before it stops (see above)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+        self._drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drainer is not None or not self.service.ready.is_set():
+            return super().handle_exit(sig, frame)      # a second signal, or still loading
+        self._drainer = threading.Thread(target=self._drain, name="edgelora-drain", daemon=True)
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        timeout = self.service.options.drain_timeout_s
+        log.info("shutting down: refusing new requests, waiting up to %g s for %d in flight",
+                 timeout, self.service.engine.pending)
+        try:
+            if not self.service.drain(timeout):
+                log.warning("drain timeout: failing %d request(s) still going",
+                            self.service.engine.pending)
+                self.service.engine.close(EngineError(
+                    f"the server shut down: this request did not finish within its "
+                    f"--drain-timeout of {timeout:g} s"))
+        finally:
+            # Not uvicorn's handle_exit: that would re-raise the signal once stopped, and the
+            # process would end killed by it instead of with status 0.
+            self.should_exit = True
+
+
 def banner(service: Service, seconds: float) -> str:
     o = service.options
     url = f"http://{'127.0.0.1' if o.host in ('0.0.0.0', '::') else o.host}:{o.port}"
@@ -75,7 +112,6 @@ def banner(service: Service, seconds: float) -> str:
 
 
 def run(options: ServerOptions) -> None:
-    import uvicorn
 
     from edgelora_np.server.app import create_app
 
@@ -85,7 +121,7 @@ def run(options: ServerOptions) -> None:
     service = Service(options, tenants)
     config = uvicorn.Config(create_app(service), log_config=None, access_log=False,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, service)
     t0 = time.perf_counter()
 
     def load():

@@ -9,8 +9,11 @@ first delta carries the role, then come content deltas, then a chunk with `finis
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import stat
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -255,6 +258,66 @@ def _check_entries(path: str, resolved: Path, root: Path) -> None:
                            param="lora_path")
 
 
+MAX_ADAPTER_BYTES = 1 << 31   # what one runtime load may copy (a rank-64 7B adapter is ~0.3 GB)
+
+
+@contextlib.contextmanager
+def snapshot(path: str, resolved: Path, roots: tuple[str, ...]):
+    """A private copy of the checked `resolved` (a file or directory), read without following
+    any symlink below its root: a link swapped in after `confined` checked the path (a race on
+    a directory the caller controls) makes the load a 403, never a read outside the root."""
+    root = next(Path(r).resolve() for r in roots if resolved.is_relative_to(Path(r).resolve()))
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+    def refuse(what: str):
+        return ApiError(403, f"lora_path {path!r}: {what} changed into a link, FIFO or device "
+                             "while it was being loaded", param="lora_path")
+
+    def open_at(dir_fd: int, name: str) -> int:
+        try:
+            return os.open(name, flags, dir_fd=dir_fd)
+        except OSError as e:         # ELOOP: a symlink; ENXIO: a FIFO nobody writes
+            raise refuse(repr(name)) from e
+
+    def copy(fd: int, name: str, dest: Path, budget: list[int]) -> None:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            dest.mkdir()
+            for entry in sorted(os.listdir(fd)):
+                budget[1] -= 1
+                if budget[1] < 0:
+                    raise ApiError(400, f"lora_path {path!r} holds more than "
+                                        f"{MAX_ADAPTER_ENTRIES} entries", param="lora_path")
+                child = open_at(fd, entry)
+                try:
+                    copy(child, entry, dest / entry, budget)
+                finally:
+                    os.close(child)
+        elif stat.S_ISREG(mode):
+            with open(dest, "wb") as out:
+                while chunk := os.read(fd, 1 << 20):
+                    budget[0] -= len(chunk)
+                    if budget[0] < 0:
+                        raise ApiError(400, f"lora_path {path!r} is larger than "
+                                            f"{MAX_ADAPTER_BYTES >> 20} MiB", param="lora_path")
+                    out.write(chunk)
+        else:
+            raise refuse(repr(name))
+
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in resolved.relative_to(root).parts:
+            inner = open_at(fd, part)
+            os.close(fd)
+            fd = inner
+        with tempfile.TemporaryDirectory(prefix="edgelora-load-") as tmp:
+            copy(fd, resolved.name, Path(tmp) / resolved.name, [MAX_ADAPTER_BYTES,
+                                                                MAX_ADAPTER_ENTRIES])
+            yield Path(tmp) / resolved.name
+    finally:
+        os.close(fd)
+
+
 # Success is vLLM's plain text; errors are JSON like everywhere (so the route's class stays JSON).
 PLAIN_OK = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
@@ -278,10 +341,15 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request,
     if not source.exists():
         raise ApiError(400, f"lora_path {body.lora_path!r} does not exist", param="lora_path")
     model = service.model
+
+    def load() -> None:
+        with snapshot(body.lora_path, source, service.options.allow_adapter_dirs) as copy:
+            service.store.import_adapter(copy, model.config, model.fingerprint, name=name,
+                                         force=True, origin=str(source))
+        service.engine.refresh_store()
+
     try:
-        await run_in_threadpool(service.store.import_adapter, source, model.config,
-                                model.fingerprint, name=name, force=True)
-        await run_in_threadpool(service.engine.refresh_store)
+        await run_in_threadpool(load)
     except EdgeLoraError as e:
         raise api_error_of(e) from None
     service.catalog.add(name, str(source))

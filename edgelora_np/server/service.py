@@ -29,6 +29,7 @@ from edgelora_np.errors import (
     EngineError,
     QueueFullError,
     SamplingError,
+    StoreWriteError,
     TokenizerError,
 )
 from edgelora_np.server.metrics import ServerMetrics
@@ -47,7 +48,8 @@ class ApiError(HTTPException):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "unavailable_error"}
+             429: "rate_limit_error", 500: "server_error", 503: "unavailable_error",
+             507: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, headers: dict | None = None, extra: dict | None = None):
@@ -70,6 +72,8 @@ def api_error_of(e: EdgeLoraError) -> ApiError:
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(e, EngineError):
         return ApiError(503, str(e), code="engine_failed")
+    if isinstance(e, StoreWriteError):
+        return ApiError(507 if e.disk_full else 503, str(e), code="store_write_failed")
     if isinstance(e, SamplingError):
         return ApiError(400, str(e), param=str(e).split(" ", 1)[0])
     if isinstance(e, (CapacityError, TokenizerError, AdapterError)):
@@ -78,9 +82,13 @@ def api_error_of(e: EdgeLoraError) -> ApiError:
 
 
 def failure_of(error: BaseException) -> ApiError:
-    """The HTTP error for a request that failed while being served (not the client's fault)."""
+    """The HTTP error for a request that failed while being served (not the client's fault):
+    503 when the engine stopped or the adapter's file or index entry cannot be read now (a
+    balancer may retry elsewhere), else 500."""
     if isinstance(error, EngineError):
         return ApiError(503, str(error), code="engine_failed")
+    if isinstance(error, AdapterError):
+        return ApiError(503, str(error), code="adapter_unavailable")
     return ApiError(500, f"the request failed: {error}", code="request_failed")
 
 
@@ -106,6 +114,7 @@ class ServerOptions:
     max_body_mb: float = 4.0
     max_tokens: int | None = None          # no request generates more (None: the context)
     name: str | None = None                # answered in the X-Edgelora-Server header
+    drain_timeout_s: float = 30.0          # on SIGTERM, how long accepted requests may finish
 
 
 @dataclass
@@ -147,6 +156,7 @@ class Service:
         self.catalog = Catalog()
         self.load_error: BaseException | None = None
         self.ready = threading.Event()
+        self.draining = threading.Event()       # set on SIGTERM: new requests get 503
         self.started = int(time.time())
         self.metrics = ServerMetrics(lambda: self.engine if self.ready.is_set() else None)
         self._inflight: dict[str, int] = {}     # tenant -> requests in flight (event loop only)
@@ -199,15 +209,36 @@ class Service:
             store.import_adapter(src, model.config, model.fingerprint)
 
     def close(self) -> None:
+        """Stop the engine; a request still going gets a 503 (or its stream an error event)."""
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close(EngineError("the server shut down before this request finished"))
 
     def check_ready(self) -> None:
-        """503 while the model loads, or once the engine has failed."""
+        """503 while the model loads, once the engine has failed, or while shutting down."""
         if not self.ready.is_set():
             raise ApiError(503, "Loading model", code="loading")
         if self.engine.failure is not None:
             raise ApiError(503, str(self.engine.failure), code="engine_failed")
+        if self.draining.is_set():
+            raise ApiError(503, "the server is shutting down; retry on another server",
+                           code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests (503) and wait up to `timeout_s` for the accepted ones to be
+        answered. True when none is left."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout_s
+        while not self.idle:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running or still being answered."""
+        return (self.engine is None or self.engine.pending == 0) and \
+            not any(tuple(self._inflight.values()))      # tuple(): copied at once
 
     # --- who and what ------------------------------------------------------------------------
 
