@@ -13,6 +13,7 @@ Which activation format each weight type is multiplied with follows ggml's vec_d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -407,9 +408,16 @@ _IQ4_TABLE = IQ4_NL_VALUES.astype(np.int32)   # int32: the kernels' gathers vect
 
 
 def _no_bytes(qs: np.ndarray) -> np.ndarray:
-    """A per-block field with no bytes, [G, blocks, 0, T]: the kernels slice it per block."""
+    """A per-block field with no bytes, [G, blocks, 0, T]: the kernels slice it per block.
+    One per shape, made once (it is asked for on every matmul)."""
     G, nb, _, T = qs.shape
-    return np.zeros((G, nb, 0, T), np.uint8)
+    return _empty_field(G, nb, T)
+
+
+@functools.cache
+def _empty_field(G: int, nb: int, T: int) -> np.ndarray:
+    return np.zeros((G, nb, 0, T), np.uint8)     # writeable: a read-only array is another
+                                                 # Numba type, so another compilation
 
 
 # ---------------------------------------------------------------------------------------------
