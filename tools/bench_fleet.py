@@ -27,12 +27,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_workload import Server, import_store, write_adapters  # noqa: E402
-from benchutil import warm_edgelora  # noqa: E402
+from benchutil import wait_healthy, warm_edgelora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "artifacts" / "bench_fleet"
@@ -85,19 +84,9 @@ def scrape(url: str) -> dict[str, float]:
 
 def wait_up(url: str, proc: subprocess.Popen, log: str) -> None:
     """Until HAProxy answers /health (through a board) with 200."""
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"haproxy exited with {proc.returncode} (log: {log})")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"haproxy at {url} never answered /health (log: {log})")
+    failure = wait_healthy(url, proc, 30)
+    if failure is not None:
+        sys.exit(f"haproxy at {url}: {failure} (log: {log})")
 
 
 def run_mode(mode: str, args, model: str, store: Path, budget_mb: float) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_lora import write_adapters  # noqa: E402
-from benchutil import current_rss_mb, run_child, warm_edgelora  # noqa: E402
+from benchutil import current_rss_mb, run_child, wait_healthy, warm_edgelora  # noqa: E402
 
 CLIENTS = 16
 MAX_TOKENS = 96
@@ -132,23 +132,15 @@ def child_client(url: str) -> dict:
 
 
 def serve(model: str, store: str, threads: int, port: int) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "edgelora_np.cli", "serve", "--model", model, "--store", store,
            "--port", str(port), "--threads", str(threads), "--max-seqs", str(CLIENTS)]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                sys.exit(f"edgelora serve exited:\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit("edgelora serve did not become healthy in 300 s")
+    failure = wait_healthy(f"http://127.0.0.1:{port}", proc, 300)
+    if failure is not None:
+        proc.kill()
+        sys.exit(f"edgelora serve {failure}:\n{proc.stderr.read()[-3000:]}")
+    return proc
 
 
 def rss_of(pid: int) -> float:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import warm_edgelora  # noqa: E402
+from benchutil import wait_healthy, warm_edgelora  # noqa: E402
 from make_test_adapters import ALL_SEVEN, AdapterSpec, L, make_factors, write_gguf_lora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,27 +86,12 @@ class Server:
     """A server process on a loopback port, up once /health answers 200."""
 
     def __init__(self, kind: str, cmd: list[str], port: int, log: Path):
-        import httpx
-
         self.kind, self.url = kind, f"http://127.0.0.1:{port}"
         self.log = open(log, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).parent)
-        self.failure = None
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.failure = f"exited with {self.proc.returncode}"
-                break
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        else:
-            self.failure = "not healthy after 30 min"
+        self.failure = wait_healthy(self.url, self.proc, 1800)
         self.start_seconds = time.perf_counter() - t0
 
     @property

@@ -6,6 +6,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -40,3 +41,21 @@ def warm_edgelora(model: str) -> None:
                           cwd=Path(__file__).parent)
     if done.returncode != 0:
         sys.exit(f"edgelora warmup failed:\n{done.stderr[-3000:]}")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> str | None:
+    """Poll `url`/health until it answers 200; None then, else why not (`proc` exited, or
+    `timeout_s` passed)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return None
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return f"/health not 200 after {timeout_s:g} s"
