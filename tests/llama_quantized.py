@@ -19,7 +19,6 @@ Two sets of files:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -97,11 +96,3 @@ def random_tokens(n: int = 64) -> list[int]:
     import numpy as np
 
     return np.random.default_rng(0).integers(3, RANDOM_SPEC["vocab"], n).tolist()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -30,10 +30,10 @@ from llama_quantized import (
     RANDOM_MODEL_FTYPES,
     default_model_file,
     random_model_file,
-    sha256,
 )
 
 import edgelora_np as el
+from edgelora_np.default_model import sha256_of
 from edgelora_np.gguf.reader import open_gguf
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def compared(request):
     kind, name = request.param.split("/")
     path = default_model_file(name) if kind == "default" else random_model_file(QT[name])
     recorded = META["files"][request.param]
-    assert sha256(path) == recorded["sha256"], (
+    assert sha256_of(path) == recorded["sha256"], (
         f"{path}: llama-quantize wrote other bytes than the file the goldens were recorded on; "
         f"re-record them with `tox -e oracle`")
     model = el.load_model(path, n_ctx=512, progress=False)

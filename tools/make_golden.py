@@ -13,12 +13,13 @@ mean and max absolute logit difference, in a file small enough to commit.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from edgelora_np.default_model import sha256_of
 
 GOLDEN_TOP_K = 64
 GOLDEN_SAMPLE = 1024
@@ -125,7 +126,7 @@ def record(model_path: Path, n_threads: int) -> dict[str, np.ndarray]:
     sample = sample_ids(vocab)
     arrays = {"sample_ids": sample}
     meta = {"llama_cpp_python": llama_cpp.__version__, "model": model_path.name,
-            "model_sha256": _sha256(model_path), "top_k": GOLDEN_TOP_K, "prompts": {}}
+            "model_sha256": sha256_of(model_path), "top_k": GOLDEN_TOP_K, "prompts": {}}
     for name, text in PROMPTS.items():
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         llm.reset()
@@ -154,14 +155,6 @@ def _greedy(llm, tokens: list[int], n: int) -> list[int]:
         out.append(tok)
         llm.eval([tok])
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main() -> None:

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora_np.default_model import sha256_of
+
 sys.path.insert(0, str(Path(__file__).parent))
-from make_golden import GOLDEN_TOP_K, PROMPTS, _greedy, _sha256, sample_ids  # noqa: E402
+from make_golden import GOLDEN_TOP_K, PROMPTS, _greedy, sample_ids  # noqa: E402
 
 LORA_DIR = Path(__file__).parent.parent / "tests" / "data" / "lora"
 LORA_PROMPTS = ("prose", "story", "code", "chat")
@@ -142,14 +144,14 @@ class AdapterSwitch:
 
 def record(model_path: Path, lora_dir: Path, workdir: Path, n_threads: int) -> dict[str, np.ndarray]:
     import llama_cpp
-    from make_test_adapters import sha256, write_gguf_lora
+    from make_test_adapters import write_gguf_lora
 
     llm = llama_cpp.Llama(str(model_path), n_ctx=512, n_batch=512, logits_all=True,
                           n_threads=n_threads, flash_attn=False, verbose=False)
     sample = sample_ids(llm.n_vocab())
     arrays = {"sample_ids": sample}
     meta = {"llama_cpp_python": llama_cpp.__version__, "model": model_path.name,
-            "model_sha256": _sha256(model_path), "top_k": GOLDEN_TOP_K, "n_greedy": N_GREEDY,
+            "model_sha256": sha256_of(model_path), "top_k": GOLDEN_TOP_K, "n_greedy": N_GREEDY,
             "prompts": {p: PROMPTS[p] for p in LORA_PROMPTS}, "cases": {}}
     tokens = {p: llm.tokenize(PROMPTS[p].encode("utf-8"), add_bos=True, special=True)
               for p in LORA_PROMPTS}
@@ -162,7 +164,7 @@ def record(model_path: Path, lora_dir: Path, workdir: Path, n_threads: int) -> d
         path = None if adapter is None else lora_dir / adapter
         info = {"adapter": adapter, "scale": scale}
         if path is not None and path.is_dir():                  # a PEFT directory
-            info["sha256"] = sha256(path / "adapter_model.safetensors")
+            info["sha256"] = sha256_of(path / "adapter_model.safetensors")
             arch = llm.metadata["general.architecture"]
             tensors, alpha = peft_to_gguf_factors(
                 path, int(llm.metadata[f"{arch}.attention.head_count"]),
@@ -171,7 +173,7 @@ def record(model_path: Path, lora_dir: Path, workdir: Path, n_threads: int) -> d
             write_gguf_lora(path, tensors, alpha)
             info["converted"] = "peft_to_gguf_factors (q/k lora_B rows permuted to GGUF order)"
         elif path is not None:
-            info["sha256"] = sha256(path)
+            info["sha256"] = sha256_of(path)
         switch.set(path, scale)
         rows: dict[str, np.ndarray] = {}
         for p, ids in tokens.items():

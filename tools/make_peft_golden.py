@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora_np.default_model import sha256_of
+
 sys.path.insert(0, str(Path(__file__).parent))
-from make_golden import GOLDEN_TOP_K, PROMPTS, _sha256, sample_ids  # noqa: E402
+from make_golden import GOLDEN_TOP_K, PROMPTS, sample_ids  # noqa: E402
 from make_lora_golden import LORA_DIR, LORA_PROMPTS, change_stats, position_arrays  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # everything is local; never ask a hub
@@ -150,13 +152,13 @@ def main() -> None:
                                    err_msg=f"reloaded adapter differs at {key}")
 
     meta = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "model": args.model.name, "model_sha256": _sha256(args.model),
+            "peft": peft.__version__, "model": args.model.name, "model_sha256": sha256_of(args.model),
             "top_k": GOLDEN_TOP_K, "tokens_from": BASE_GOLDEN.name,
             "hf_tokenizer_agrees": hf_agrees,
             "prompts": {p: PROMPTS[p] for p in LORA_PROMPTS},
             "cases": {"base": {"adapter": None, "scale": 0.0},
                       "peft_strong": {"adapter": "peft_strong", "scale": 1.0,
-                                      "sha256": _sha256(adapter_dir / "adapter_model.safetensors"),
+                                      "sha256": sha256_of(adapter_dir / "adapter_model.safetensors"),
                                       "rank": RANK, "lora_alpha": ALPHA, "layers": list(LAYERS),
                                       "strength": STRENGTH, "seed": SEED,
                                       **change_stats(per_case["peft_strong"], per_case["base"],

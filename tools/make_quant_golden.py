@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora_np.default_model import sha256_of
+
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import llama_quantized as lq  # noqa: E402
@@ -96,7 +98,7 @@ def main() -> None:
     cases += [("random", t.name, lq.random_model_file(t)) for t in lq.RANDOM_MODEL_FTYPES]
     for kind, name, path in cases:
         key = f"{kind}/{name}"
-        meta["files"][key] = {"file": path.name, "sha256": lq.sha256(path),
+        meta["files"][key] = {"file": path.name, "sha256": sha256_of(path),
                               "tensor_types": tensor_types(path)}
         token_lists = list(prompts.values()) if kind == "default" else [lq.random_tokens()]
         sample = arrays[f"{kind}/sample_ids"]

@@ -25,13 +25,14 @@ NumPy and gguf-py only; the same seed gives the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgelora_np.default_model import sha256_of
 
 # SmolLM2-135M: D model dim, KVD = KVH * HD kv dim, F ffn dim, L layers.
 D, KVD, F, L = 576, 3 * 64, 1536, 30
@@ -104,10 +105,6 @@ def lora_nbytes(spec: AdapterSpec) -> int:
     return 2 * per_layer * len(spec.layers)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path,
@@ -118,7 +115,7 @@ def main() -> None:
     for name, spec in SPECS.items():
         path = args.out / f"{name}.gguf"
         write_gguf_lora(path, make_factors(spec), spec.alpha)
-        manifest[name] = {"file": path.name, "sha256": sha256(path), "rank": spec.rank,
+        manifest[name] = {"file": path.name, "sha256": sha256_of(path), "rank": spec.rank,
                           "alpha": spec.alpha, "layers": list(spec.layers),
                           "projections": list(spec.projections), "strength": spec.strength,
                           "seed": spec.seed}

@@ -40,9 +40,10 @@ import sys
 import time
 from pathlib import Path
 
+from edgelora_np.default_model import sha256_of
+
 sys.path.insert(0, str(Path(__file__).parent))
 from adapter_tasks import TASKS, Example, Task, examples  # noqa: E402
-from make_golden import _sha256  # noqa: E402
 from make_peft_golden import load_base, save_adapter  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # everything is local; never ask a hub
@@ -209,7 +210,7 @@ def main() -> None:
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"adapters": {}}
     golden["meta"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                       "peft": peft.__version__, "model": args.model.name,
-                      "model_sha256": _sha256(args.model), "dtype": "float32", "decoding": "greedy"}
+                      "model_sha256": sha256_of(args.model), "dtype": "float32", "decoding": "greedy"}
     base = load_base(args.model)
     for name in names:
         task = TASKS[name]
