@@ -356,6 +356,26 @@ def test_attention_matches_reference(group, queries_per_seq):
     assert np.abs(out - ref).max() <= 2.0**-10 * float(v_max) + 1e-5
 
 
+@njit(fastmath={"contract", "reassoc", "nsz", "arcp"})    # the attention kernel's flags
+def _exp_all(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = attention.exp_f32(x[i])
+    return out
+
+
+def test_softmax_exp_is_within_one_ulp():
+    """Against float64 exp: every float32 from -87 to 0 at 2^-10 steps and near 0, then the
+    clamp (e^-87 below -87, where it only ever meets a sum of at least 1)."""
+    x = np.concatenate([np.arange(-87 * 1024, 1, dtype=np.float32) / np.float32(1024),
+                        -np.logspace(-30, 0, 1000, dtype=np.float32), np.float32([-0.0])])
+    exact = np.exp(x.astype(np.float64))
+    ulps = np.abs(_exp_all(x) - exact) / np.spacing(exact.astype(np.float32))
+    assert ulps.max() <= 1.0
+    low = _exp_all(np.float32([-87.5, -100, -1e30, -np.inf]))
+    assert np.array_equal(low, np.full(4, _exp_all(np.float32([-87.0]))[0]))
+
+
 def test_attention_single_position_returns_v():
     rng = np.random.default_rng(0)
     q, kc, vc, table, rows, positions = random_paged_attention(rng, [1], 2, 2, 16, 1)
