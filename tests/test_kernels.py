@@ -400,17 +400,37 @@ def test_rmsnorm_matches_reference(batch, dim):
 
 
 @pytest.mark.parametrize("rope_dim, head_dim", [(16, 16), (64, 64), (32, 64)])
-def test_rope_matches_reference(rope_dim, head_dim):
+def test_rope_store_matches_reference(rope_dim, head_dim):
+    """Queries rotated into q; keys rotated and values stored as NumPy's fp16 of them, each at
+    its token's cache slot; no other slot written."""
     rng = np.random.default_rng(rope_dim)
+    H, KVH, B = 4, 2, 6
     cos, sin = elementwise.rope_tables(300, rope_dim, 10000.0, 1.0, None)
     positions = np.array([0, 1, 31, 32, 299, 5], np.int32)
-    x = rng.standard_normal((6, 3, head_dim)).astype(np.float32)
-    ref = elementwise.rope_ref(x, positions, cos, sin)
-    ours = x.copy()
-    elementwise.rope(ours, positions, cos, sin)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
-    assert np.array_equal(ours[0], x[0])                     # position 0: no rotation
-    assert np.array_equal(ours[..., rope_dim:], x[..., rope_dim:])
+    qkv = rng.standard_normal((B, (H + 2 * KVH) * head_dim)).astype(np.float32)
+    qkv[5, -3:] = [1e5, 7e-8, -65510.0]                      # beyond fp16, subnormal, rounds down
+    q, k, v = (qkv[:, :H * head_dim].reshape(B, H, head_dim),
+               qkv[:, H * head_dim:(H + KVH) * head_dim].reshape(B, KVH, head_dim),
+               qkv[:, (H + KVH) * head_dim:].reshape(B, KVH, head_dim))
+    slot_page = np.array([3, 0, 2, 2, 1, 0])
+    slot_off = np.array([0, 5, 31, 30, 7, 6])
+    k_cache = np.full((4, KVH, 32, head_dim), 0xABCD, np.uint16)
+    v_cache = k_cache.copy()
+    ours = np.full((B, H, head_dim), np.nan, np.float32)
+    elementwise.rope_store(qkv, H, KVH, positions, cos, sin, k_cache, v_cache, slot_page,
+                           slot_off, ours)
+    np.testing.assert_allclose(ours, elementwise.rope_ref(q, positions, cos, sin),
+                               rtol=1e-6, atol=1e-7)
+    assert np.array_equal(ours[0], q[0])                     # position 0: no rotation
+    assert np.array_equal(ours[..., rope_dim:], q[..., rope_dim:])
+    k_ref = elementwise.rope_ref(k, positions, cos, sin)
+    with np.errstate(over="ignore"):
+        k_bits, v_bits = (a.astype(np.float16).view(np.uint16) for a in (k_ref, v))
+    written = np.zeros(k_cache.shape, bool)
+    written[slot_page, :, slot_off] = True
+    assert np.array_equal(k_cache[slot_page, :, slot_off], k_bits)     # same float32 arithmetic
+    assert np.array_equal(v_cache[slot_page, :, slot_off], v_bits)
+    assert (k_cache[~written] == 0xABCD).all() and (v_cache[~written] == 0xABCD).all()
 
 
 @pytest.mark.parametrize("rope_dim, base, freq_scale, factors", [
@@ -472,6 +492,31 @@ def round_all_fastmath(x, out):
 def scales_of(s, out):
     for i in range(s.shape[0]):
         out[i] = bits.scale_f32(s[i])
+
+
+@njit
+def _to_f16_bits(x):
+    out = np.empty(x.size, np.uint16)
+    for i in range(x.size):
+        out[i] = bits.f32_to_f16_bits(x[i])
+    return out
+
+
+def test_f32_to_f16_bits_matches_numpy():
+    """Float32 bit patterns from 2^-32 to past fp16's range (a stride of 2053), every pattern
+    around the edges (the least subnormal, the least normal, 65504 to infinity, both signs),
+    and 20,000 random bit patterns (NaNs among them). Small enough for the no-JIT run."""
+    edges = np.float32([2.0**-25, 2.0**-24, 2.0**-14, 65504.0, 65520.0]).view(np.uint32)
+    grid = np.concatenate([np.arange(0x2F800000, 0x48000000, 2053, dtype=np.uint32),
+                           *(np.arange(e - 4096, e + 4096, dtype=np.uint32) for e in edges)])
+    rnd = np.random.default_rng(0).integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32)
+    special = np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520,
+                          2.0**-24, 2.0**-25, 2.0**-25 * 1.0001, 2.0**-14]).view(np.uint32)
+    for patterns in (grid, grid | np.uint32(0x80000000), rnd, special):
+        x = patterns.view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            expected = x.astype(np.float16).view(np.uint16)
+        assert np.array_equal(_to_f16_bits(x), expected)
 
 
 def test_f16_to_f32_every_finite_pattern():

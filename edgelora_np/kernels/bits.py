@@ -80,6 +80,27 @@ def round_to_f16(x):
 
 
 @njit(inline="always")
+def f32_to_f16_bits(x):
+    """float32 -> fp16 bits (uint16), rounded to nearest even, as NumPy's astype(float16):
+    beyond 65520 (halfway past fp16's largest, 65504) infinity, below 2**-14 a subnormal (the
+    value in units of 2**-24, rounded), NaN a NaN with the top bits of its payload."""
+    u = f32_to_bits(np.float32(x))
+    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):                               # NaN: still a NaN
+        h = np.uint32(0x7C00) + max((a & np.uint32(0x7FFFFF)) >> np.uint32(13), np.uint32(1))
+    elif a >= np.uint32(0x477FF000):                            # rounds past 65504: infinity
+        h = np.uint32(0x7C00)
+    elif a >= np.uint32(0x38800000):                            # an fp16 normal
+        # Rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to even.
+        h = (a - np.uint32(0x38000000) + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) \
+            >> np.uint32(13)
+    else:                                                       # subnormal (1024: the least normal)
+        h = np.uint32(np.rint(abs(np.float32(x)) * np.float32(2.0**24)))
+    return np.uint16(h | sign)
+
+
+@njit(inline="always")
 def bf16_to_f32(h):
     """bf16 is the top half of a float32."""
     return bits_to_f32(np.uint32(h) << np.uint32(16))
@@ -109,8 +130,3 @@ def _scale_f32_overload(x):
     if isinstance(x, types.Float):
         return _scale_from_float
     return None
-
-
-def f16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> fp16 bits as uint16, rounding to nearest even (NumPy does the rounding)."""
-    return np.asarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)

@@ -5,6 +5,8 @@ Numba kernel for each, written to round like ggml (sums of squares in float64, f
 import numpy as np
 from numba import njit
 
+from edgelora_np.kernels.bits import f32_to_f16_bits
+
 # --- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w   (ggml_rms_norm followed by ggml_mul) ---------
 
 def rmsnorm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -61,20 +63,43 @@ def rope_ref(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndar
 
 
 @njit(cache=True)
-def rope(x, positions, cos, sin):
-    """In place: x [B, heads, HD] float32."""
-    B, n_heads, _ = x.shape
+def rope_store(qkv, n_heads, n_kv_heads, positions, cos, sin, k_cache, v_cache, slot_page,
+               slot_off, q):
+    """A block's queries, keys and values, from its fused projection qkv [B, (H + 2 KVH) HD]:
+    the queries rotated into q [B, H, HD]; the keys rotated and the values, as fp16 bits, into
+    each token's cache slot, k_cache/v_cache[slot_page[b], :, slot_off[b]] (one layer's
+    [pages, KVH, PS, HD]). What `rope` twice, two copies and two fp16 casts and scatters did, in
+    one call (a dozen fewer dispatches per layer), with the same rounding."""
+    B = qkv.shape[0]
+    HD = q.shape[2]
     n = cos.shape[1]
+    k0 = n_heads * HD
+    v0 = k0 + n_kv_heads * HD
     for b in range(B):
         p = positions[b]
         for h in range(n_heads):
+            src = h * HD
             for i in range(n):
-                c = cos[p, i]
-                s = sin[p, i]
-                x0 = x[b, h, 2 * i]
-                x1 = x[b, h, 2 * i + 1]
-                x[b, h, 2 * i] = x0 * c - x1 * s
-                x[b, h, 2 * i + 1] = x0 * s + x1 * c
+                c, s = cos[p, i], sin[p, i]
+                x0, x1 = qkv[b, src + 2 * i], qkv[b, src + 2 * i + 1]
+                q[b, h, 2 * i] = x0 * c - x1 * s
+                q[b, h, 2 * i + 1] = x0 * s + x1 * c
+            for i in range(2 * n, HD):
+                q[b, h, i] = qkv[b, src + i]
+        for h in range(n_kv_heads):
+            k = k_cache[slot_page[b], h, slot_off[b]]
+            src = k0 + h * HD
+            for i in range(n):
+                c, s = cos[p, i], sin[p, i]
+                x0, x1 = qkv[b, src + 2 * i], qkv[b, src + 2 * i + 1]
+                k[2 * i] = f32_to_f16_bits(x0 * c - x1 * s)
+                k[2 * i + 1] = f32_to_f16_bits(x0 * s + x1 * c)
+            for i in range(2 * n, HD):
+                k[i] = f32_to_f16_bits(qkv[b, src + i])
+            v = v_cache[slot_page[b], h, slot_off[b]]
+            src = v0 + h * HD
+            for i in range(HD):
+                v[i] = f32_to_f16_bits(qkv[b, src + i])
 
 
 # --- SwiGLU: silu(gate) * up ------------------------------------------------------------------

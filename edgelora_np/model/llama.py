@@ -22,8 +22,7 @@ import numpy as np
 
 from edgelora_np.errors import EdgeLoraError
 from edgelora_np.kernels.attention import attention
-from edgelora_np.kernels.bits import f16_bits
-from edgelora_np.kernels.elementwise import rmsnorm, rope, rope_tables, swiglu
+from edgelora_np.kernels.elementwise import rmsnorm, rope_store, rope_tables, swiglu
 from edgelora_np.kernels.pack import PackedMatrix, matmul, packed_rows
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.config import LlamaConfig
@@ -43,6 +42,7 @@ class _Step:
     cos: np.ndarray          # [positions, rope_dim/2] rope tables, a matching pair
     sin: np.ndarray
     h: np.ndarray            # [B, D] scratch: the normed stream
+    q: np.ndarray            # [B, H, HD] scratch: the rotated queries
     attn: np.ndarray         # [B, H, HD] scratch: attention output
     act: np.ndarray          # [B, F] scratch: SwiGLU output
 
@@ -126,28 +126,21 @@ class Llama:
         cos, sin = self._rope                              # read once: a matching pair
         x = packed_rows(w.token_embd, batch.tokens)                      # [B, D]
         step = _Step(positions, table, token_rows, slot_page, slot_off, cos, sin,
-                     h=np.empty((B, D), np.float32), attn=np.empty((B, H, HD), np.float32),
+                     h=np.empty((B, D), np.float32), q=np.empty((B, H, HD), np.float32),
+                     attn=np.empty((B, H, HD), np.float32),
                      act=np.empty((B, F), np.float32))
         return x, step
 
     def _block(self, li: int, x: np.ndarray, step: _Step, cache: PagedKVCache, lora) -> None:
         """Transformer block `li`, in place on the residual stream x [B, D]."""
         cfg, layer = self.cfg, self.weights.layers[li]
-        B, D, H, KVH, HD, F = len(x), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, \
-            cfg.ffn_dim
+        B, D, H, KVH, F = len(x), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
         h, attn, act = step.h, step.attn, step.act
         rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
         qkv = self.project(h, layer.qkv, "qkv", li, lora)                # [B, D + 2*KVH*HD]
-        q = qkv[:, :D].reshape(B, H, HD)
-        k = qkv[:, D:D + KVH * HD].reshape(B, KVH, HD)
-        v = qkv[:, D + KVH * HD:].reshape(B, KVH, HD)
-        q = np.ascontiguousarray(q)
-        k = np.ascontiguousarray(k)
-        rope(q, step.positions, step.cos, step.sin)
-        rope(k, step.positions, step.cos, step.sin)
-        cache.k[li][step.slot_page, :, step.slot_off, :] = f16_bits(k)   # [B, KVH, HD]
-        cache.v[li][step.slot_page, :, step.slot_off, :] = f16_bits(v)
-        attention(q, cache.k[li], cache.v[li], step.table, step.token_rows, step.positions,
+        rope_store(qkv, H, KVH, step.positions, step.cos, step.sin, cache.k[li], cache.v[li],
+                   step.slot_page, step.slot_off, step.q)                # k, v into the cache
+        attention(step.q, cache.k[li], cache.v[li], step.table, step.token_rows, step.positions,
                   self._attn_scale, attn)
         x += self.project(attn.reshape(B, D), (layer.wo,), "o", li, lora)
         rmsnorm(x, layer.ffn_norm, cfg.rms_eps, h)
