@@ -1,10 +1,15 @@
 """Where a decode step's time goes: cProfile over single-stream decode, grouped by kernel.
 
     python tools/profile_decode.py [--model PATH] [--tokens 64] [--prompt-tokens 256]
+    python tools/profile_decode.py --kernels [Q4_0,Q2_K,...]
 
 Prints the share of wall time of each Numba kernel and of the Python around them, for decode
 steps (one token, one sequence) after a prompt of the given length; recorded in
 docs/benchmarks.md.
+
+--kernels: each quant type's matmul alone instead, on one thread, a random [2816, 1024] matrix
+(tests/tiny_model.py's random_weight) times 1, 16 and 64 tokens, in GMAC/s of process CPU time
+(best of 5): how fast each kernel computes, apart from the model and the machine's other load.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kernels", nargs="?", const="all", default=None, metavar="TYPES",
+                    help="time each quant type's matmul alone (comma-separated GGML type names)")
     args = ap.parse_args()
+    if args.kernels is not None:
+        return kernel_rates(args.kernels)
 
     import edgelora_np as el
     from edgelora_np.model.batch import Batch
@@ -55,6 +64,43 @@ def main() -> None:
     print("| --- | ---: | ---: |")
     for tottime, name in rows[:12]:
         print(f"| {name} | {1000 * tottime / args.tokens:.2f} | {100 * tottime / wall:.1f}% |")
+
+
+KERNEL_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                "Q6_K", "IQ4_XS")
+
+
+def kernel_rates(types: str, n: int = 2816, k: int = 1024) -> None:
+    import sys
+    from pathlib import Path
+
+    import numba
+    from gguf import GGMLQuantizationType as QT
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_model import random_weight
+
+    from edgelora_np.kernels import pack
+
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    print(f"one thread, W [{n}, {k}], GMAC/s of process CPU time (best of 5)\n")
+    print("| type | 1 token | 16 tokens | 64 tokens |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in KERNEL_TYPES if types == "all" else types.split(","):
+        qt = QT[name]
+        w = pack.pack_gguf(random_weight(qt, (n, k), rng, 0.05), qt, n, k, 1)
+        rates = []
+        for b in (1, 16, 64):
+            x = rng.standard_normal((b, k)).astype(np.float32)
+            pack.matmul(w, x)                                  # compiled before it is timed
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.process_time()
+                pack.matmul(w, x)
+                best = min(best, time.process_time() - t0)
+            rates.append(f"{b * n * k / best / 1e9:.2f}")
+        print(f"| {name} | " + " | ".join(rates) + " |", flush=True)
 
 
 if __name__ == "__main__":
