@@ -3,6 +3,8 @@ request was lost or hung and nothing leaked.
 
     tox -e soak (600 s)    or: python tools/soak.py [--duration 600] [--threads 1]
 
+(from a source tree, PYTHONPATH=$PWD: the server runs the edgelora_np this script imports).
+
 The server: `edgelora serve` in a subprocess on a loopback port, with
 - a store of 1,000 random rank-8 adapters on attn_v (about 0.37 MB each packed, so the store is
   a few hundred MB; cached in ~/.cache/edgelora_np/soak-store-*, written once) and the shipped
@@ -10,7 +12,7 @@ The server: `edgelora serve` in a subprocess on a loopback port, with
 - an adapter pool of POOL_MB (a few dozen small adapters): with Zipf popularity over 1,000 it
   evicts on most misses;
 - MAX_SEQS sequences and a queue of MAX_QUEUE: MAX_SEQS + MAX_QUEUE = the clients, so the
-  clients alone are never refused and every burst is partly refused.
+  clients alone fit and a burst does not (its accepted requests then crowd some clients out).
 
 The workload (asyncio, one httpx client): each of CLIENTS loops for --duration seconds over
 requests drawn at random (one seeded generator per client): /v1/completions,
@@ -72,7 +74,7 @@ ZIPF_ALPHA = 1.0
 P_BASE, P_AUTO = 0.05, 0.10    # shares of requests naming the base model, "auto"
 P_STREAM = 0.5
 P_DISCONNECT = 0.2             # of streamed requests: closed after 1-3 events
-P_CANCEL = 0.1                 # of all requests: abandoned after CANCEL_S
+P_CANCEL = 0.1                 # of the others (not bursts): abandoned after CANCEL_S
 CANCEL_S = (0.02, 1.0)
 BURST, BURST_EVERY_S = 48, 15.0
 RETRY_AFTER_S = 1.0            # a refused client waits what the server's Retry-After says
