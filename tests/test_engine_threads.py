@@ -254,6 +254,30 @@ def test_full_queue_refuses(tiny):
     assert all(g.finish_reason == "length" for g in queued)
 
 
+def test_cancelled_requests_take_no_queue_room(tiny):
+    """max_seqs=1, max_queue=1, both taken; a client cancels one and asks again before the next
+    step: its new request is room for it (the soak's clients got 429s here, tools/soak.py)."""
+    model, _ = tiny
+    engine = el.Engine(model, background=False, max_seqs=1, max_queue=1)
+    kw = dict(max_tokens=2, temperature=0.0, ignore_eos=True)
+    running = engine.submit(PROMPTS[0], **kw)
+    engine.step()
+    waiting = engine.submit(PROMPTS[0], **kw)
+    with pytest.raises(QueueFullError, match="1 requests are already waiting"):
+        engine.submit(PROMPTS[0], **kw)
+    waiting.cancel()
+    again = engine.submit(PROMPTS[0], **kw)           # in the cancelled one's place
+    with pytest.raises(QueueFullError, match="1 requests are already waiting"):
+        engine.submit(PROMPTS[0], **kw)
+    running.cancel()
+    replaced = engine.submit(PROMPTS[0], **kw)        # the running one's slot
+    while engine.pending:
+        engine.step()
+    assert (running.finish_reason, waiting.finish_reason) == ("cancelled", "cancelled")
+    assert again.finish_reason == replaced.finish_reason == "length"
+    assert engine.stats().kv_pages_used == 0
+
+
 def test_request_scale(tiny):
     model, adapters = tiny
     doubled = copy.deepcopy(adapters[0])

@@ -83,14 +83,16 @@ def import_store(store_dir: Path, model: str, paths: list[Path]) -> None:
 
 
 class Server:
-    """A server process on a loopback port, up once /health answers 200."""
+    """A server process on a loopback port, up once /health answers 200 (env: the process's
+    environment, None: this one's)."""
 
-    def __init__(self, kind: str, cmd: list[str], port: int, log: Path):
+    def __init__(self, kind: str, cmd: list[str], port: int, log: Path,
+                 env: dict[str, str] | None = None):
         self.kind, self.url = kind, f"http://127.0.0.1:{port}"
         self.log = open(log, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).parent)
+                                     cwd=Path(__file__).parent, env=env)
         self.failure = wait_healthy(self.url, self.proc, 1800)
         self.start_seconds = time.perf_counter() - t0
 

@@ -30,15 +30,16 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
 
-def warm_edgelora(model: str) -> None:
+def warm_edgelora(model: str, env: dict[str, str] | None = None) -> None:
     """Compile and cache every kernel once (`edgelora warmup`), so that the measured process
     loads machine code from Numba's cache instead of compiling: a fresh install's first run
-    pays seconds of JIT and ~100 MB of compiler memory, which is not what serving costs."""
+    pays seconds of JIT and ~100 MB of compiler memory, which is not what serving costs.
+    env: the warm-up's environment (None: this process's)."""
     cmd = [sys.executable, "-m", "edgelora_np.cli", "warmup", "--model", model]
     # Run from tools/, like the measured processes: from the repository root, `-m` would
     # import the source tree's edgelora_np (and fill its kernel cache) instead of the installed one.
     done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).parent)
+                          cwd=Path(__file__).parent, env=env)
     if done.returncode != 0:
         sys.exit(f"edgelora warmup failed:\n{done.stderr[-3000:]}")
 

@@ -280,7 +280,11 @@ class Engine:
                 raise EngineError("the engine is closed")
             # A slot freed since the last step counts as room: its request is not waiting
             # behind anyone, so a client at max_seqs + max_queue in flight is never refused.
-            queued = len(self._waiting) - max(0, self.max_seqs - len(self._running))
+            # A cancelled request takes no room either: the next step retires it before it
+            # admits anyone (a client that gives up and asks again is not over its bound).
+            waiting = sum(not s.gen._cancelled for s in self._waiting)
+            running = sum(not s.gen._cancelled for s in self._running)
+            queued = waiting - max(0, self.max_seqs - running)
             if self.max_queue is not None and queued >= self.max_queue:
                 raise QueueFullError(f"{queued} requests are already waiting "
                                      f"(the queue holds {self.max_queue}); retry later")
