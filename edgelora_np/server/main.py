@@ -7,8 +7,8 @@ example is printed. A load that fails stops the server and run() raises its erro
 
 SIGTERM (or Ctrl-C) drains: /health and new requests get 503 (a balancer sends them to another
 board), the requests already accepted, queued or running, finish within --drain-timeout, then
-the server stops and run() returns (exit status 0). Requests still going at the timeout are
-cancelled. A second signal stops at once.
+the server stops and run() returns (exit status 0). Requests still going at the timeout get
+a 503 (or an error event) saying so. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -112,7 +112,6 @@ def banner(service: Service, seconds: float) -> str:
 
 
 def run(options: ServerOptions) -> None:
-
     from edgelora_np.server.app import create_app
 
     configure_logging(options.log_format)
