@@ -85,8 +85,8 @@ def test_fifos_and_devices_are_refused(roots):
 
 def test_a_load_reads_a_private_copy_made_without_following_links(roots):
     allowed, _ = roots
-    checked = confined(str(allowed / "good"), (str(allowed),))
-    with snapshot(str(allowed / "good"), checked, (str(allowed),)) as copy:
+    checked, root = confined(str(allowed / "good"), (str(allowed),))
+    with snapshot(str(allowed / "good"), checked, root) as copy:
         assert sorted(p.name for p in copy.iterdir()) == sorted(
             p.name for p in (allowed / "good").iterdir())
         for f in copy.iterdir():
@@ -100,7 +100,7 @@ def test_a_link_swapped_in_after_the_check_is_refused(roots, swap):
     itself) becomes a symlink out of the root, or a FIFO, before it is read."""
     allowed, outside = roots
     good = allowed / "good"
-    checked = confined(str(good), (str(allowed),))
+    checked, root = confined(str(good), (str(allowed),))
     if swap == "file":
         (good / "adapter_model.safetensors").unlink()
         (good / "adapter_model.safetensors").symlink_to(outside / "evil" /
@@ -112,7 +112,7 @@ def test_a_link_swapped_in_after_the_check_is_refused(roots, swap):
         (good / "adapter_config.json").unlink()
         os.mkfifo(good / "adapter_config.json")
     with pytest.raises(ApiError) as e:
-        with snapshot(str(good), checked, (str(allowed),)):
+        with snapshot(str(good), checked, root):
             pass
     assert e.value.status == 403 and "changed into a link, FIFO or device" in e.value.message
 

@@ -210,10 +210,11 @@ async def models(request: Request, tenant: Serving) -> ModelList:
 MAX_ADAPTER_ENTRIES = 256     # files and folders an adapter directory may hold (PEFT has 2-4)
 
 
-def confined(path: str, roots: tuple[str, ...]) -> Path:
-    """`path` resolved (symlinks and '..' followed), if it lies under one of `roots` and so does
-    everything in it: a symlink inside an adapter directory that points out of the root, a FIFO
-    or a device file (a read that never ends) are refused like a path outside."""
+def confined(path: str, roots: tuple[str, ...]) -> tuple[Path, Path]:
+    """`path` resolved (symlinks and '..' followed) and the root it lies under, if it lies under
+    one of `roots` and so does everything in it: a symlink inside an adapter directory that
+    points out of the root, a FIFO or a device file (a read that never ends) are refused like a
+    path outside."""
     if not roots:
         raise ApiError(403, "runtime adapter loading is off (start the server with "
                             "--allow-adapter-dir DIR)", param="lora_path")
@@ -225,7 +226,7 @@ def confined(path: str, roots: tuple[str, ...]) -> Path:
     for root in (Path(r).resolve() for r in roots):
         if resolved.is_relative_to(root):
             _check_entries(path, resolved, root)
-            return resolved
+            return resolved, root
     raise ApiError(403, f"lora_path {path!r} is outside the directories this server may load "
                         "adapters from", param="lora_path")
 
@@ -262,11 +263,10 @@ MAX_ADAPTER_BYTES = 1 << 31   # what one runtime load may copy (a rank-64 7B ada
 
 
 @contextlib.contextmanager
-def snapshot(path: str, resolved: Path, roots: tuple[str, ...]):
+def snapshot(path: str, resolved: Path, root: Path):
     """A private copy of the checked `resolved` (a file or directory), read without following
-    any symlink below its root: a link swapped in after `confined` checked the path (a race on
-    a directory the caller controls) makes the load a 403, never a read outside the root."""
-    root = next(Path(r).resolve() for r in roots if resolved.is_relative_to(Path(r).resolve()))
+    any symlink below `root`: a link swapped in after `confined` checked the path (a race on a
+    directory the caller controls) makes the load a 403, never a read outside the root."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
     def refuse(what: str):
@@ -337,13 +337,13 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request,
         raise ApiError(400, str(e), param="lora_name") from None
     if name in service.catalog.sources or name == service.model_id:
         raise ApiError(400, f"an adapter named {name!r} is already loaded", param="lora_name")
-    source = confined(body.lora_path, service.options.allow_adapter_dirs)
+    source, root = confined(body.lora_path, service.options.allow_adapter_dirs)
     if not source.exists():
         raise ApiError(400, f"lora_path {body.lora_path!r} does not exist", param="lora_path")
     model = service.model
 
     def load() -> None:
-        with snapshot(body.lora_path, source, service.options.allow_adapter_dirs) as copy:
+        with snapshot(body.lora_path, source, root) as copy:
             service.store.import_adapter(copy, model.config, model.fingerprint, name=name,
                                          force=True, origin=str(source))
         service.engine.refresh_store()
