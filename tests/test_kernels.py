@@ -161,6 +161,23 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_q8_integer_sums_at_the_extremes(batch, sign):
+    """Every Q8_0 code at -128 (a file may hold it, though llama.cpp writes -127..127) against
+    activations quantized to +-127: each pair of rows the kernel sums in int16 reaches
+    2 * 128 * 127 = 32512, three would overflow it."""
+    n_rows, cols = 20, 256
+    block = np.full(gguf.GGML_QUANT_SIZES[QT.Q8_0][1], 0x80, np.uint8)
+    block[:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)      # d = 1
+    raw = np.tile(block, (n_rows, cols // 32))
+    w = pack.pack_gguf(raw, QT.Q8_0, n_rows, cols, 2)
+    x = np.full((batch, cols), sign, np.float32)
+    ours = pack.matmul(w, x)
+    assert np.allclose(ours, pack.matmul_ref(w, x), rtol=1e-6, atol=0)
+    assert np.allclose(ours, sign * cols * -128, rtol=1e-3, atol=0)   # activation scales: fp16
+
+
 # Each type's fill byte that makes every code its largest magnitude, and its fp16 fields
 # (d first, set to 1; a second one, m or dmin, set to 0).
 EXTREME_BLOCKS = {QT.Q5_0: (0x00, [0]), QT.Q5_1: (0xFF, [0, 2]), QT.IQ4_NL: (0x00, [0]),

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: cProfile over single-stream decode, grouped by kernel.
 
     python tools/profile_decode.py [--model PATH] [--tokens 64] [--prompt-tokens 256]
-    python tools/profile_decode.py --kernels [Q4_0,Q2_K,...]
+    python tools/profile_decode.py --kernels [Q4_0,Q2_K,...] [--against REV]
 
 Prints the share of wall time of each Numba kernel and of the Python around them, for decode
 steps (one token, one sequence) after a prompt of the given length; recorded in
@@ -10,6 +10,11 @@ docs/benchmarks.md.
 --kernels: each quant type's matmul alone instead, on one thread, a random [2816, 1024] matrix
 (tests/tiny_model.py's random_weight) times 1, 16 and 64 tokens, in GMAC/s of process CPU time
 (best of 5): how fast each kernel computes, apart from the model and the machine's other load.
+
+--against REV: the matmul kernels (kernels/qmatmul.py, kernels/qmatmul_decoded.py) as they were
+at git revision REV, timed alternately with today's in the same process (best of 30 each), with
+their ratio and whether the outputs are identical. On a VM whose speed drifts by 10-30% between
+runs, this is how a kernel step is measured.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kernels", nargs="?", const="all", default=None, metavar="TYPES",
                     help="time each quant type's matmul alone (comma-separated GGML type names)")
+    ap.add_argument("--against", metavar="REV", default=None,
+                    help="with --kernels: time the matmul kernels of git revision REV too")
     args = ap.parse_args()
+    if args.against is not None:
+        return kernel_ab(args.kernels or "all", args.against)
     if args.kernels is not None:
         return kernel_rates(args.kernels)
 
@@ -101,6 +110,84 @@ def kernel_rates(types: str, n: int = 2816, k: int = 1024) -> None:
                 best = min(best, time.process_time() - t0)
             rates.append(f"{b * n * k / best / 1e9:.2f}")
         print(f"| {name} | " + " | ".join(rates) + " |", flush=True)
+
+
+MATMUL_MODULES = ("qmatmul", "qmatmul_decoded")
+
+
+def kernels_at(rev: str) -> dict:
+    """The Numba matmul kernels of kernels/qmatmul*.py at git revision `rev`, compiled from that
+    source (uncached) against today's helpers (bits, actquant): name -> dispatcher."""
+    import subprocess
+    import types as pytypes
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    found = {}
+    for name in MATMUL_MODULES:
+        path = f"edgelora_np/kernels/{name}.py"
+        try:
+            source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, check=True,
+                                    capture_output=True, text=True).stdout
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"git show {rev}:{path}: {e.stderr.strip()}") from None
+        module = pytypes.ModuleType(f"edgelora_np.kernels.{name}_at_{rev}")
+        exec(compile(source.replace("cache=True", "cache=False"), f"{rev}:{path}", "exec"),
+             module.__dict__)
+        found.update({k: v for k, v in vars(module).items() if hasattr(v, "py_func")})
+    return found
+
+
+def kernel_ab(types: str, rev: str, n: int = 2816, k: int = 1024, rounds: int = 30) -> None:
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    import numba
+    from gguf import GGMLQuantizationType as QT
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_model import random_weight
+
+    from edgelora_np.kernels import pack
+
+    old = {k: v for k, v in kernels_at(rev).items() if hasattr(vars(pack).get(k), "py_func")}
+
+    @contextlib.contextmanager
+    def kernels_of(variant):
+        today = {name: vars(pack)[name] for name in old}
+        if variant == rev:
+            vars(pack).update(old)
+        try:
+            yield
+        finally:
+            vars(pack).update(today)
+
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    print(f"one thread, W [{n}, {k}], GMAC/s of process CPU time, best of {rounds}, {rev}'s "
+          "matmul kernels and today's alternating\n")
+    print(f"| type | tokens | {rev} | today | today / {rev} | outputs |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name in KERNEL_TYPES if types == "all" else types.split(","):
+        qt = QT[name]
+        w = pack.pack_gguf(random_weight(qt, (n, k), rng, 0.05), qt, n, k, 1)
+        for b in (1, 16, 64):
+            x = rng.standard_normal((b, k)).astype(np.float32)
+            best, outs = {}, {}
+            for r in range(rounds + 1):                        # round 0 compiles
+                for variant in (rev, "today"):
+                    with kernels_of(variant):
+                        t0 = time.process_time()
+                        outs[variant] = pack.matmul(w, x)
+                        dt = time.process_time() - t0
+                    if r:
+                        best[variant] = min(best.get(variant, dt), dt)
+            diff = float(np.abs(outs[rev] - outs["today"]).max())
+            same = "identical" if diff == 0 else f"max diff {diff:.3g}"
+            rate = {v: b * n * k / best[v] / 1e9 for v in best}
+            print(f"| {name} | {b} | {rate[rev]:.2f} | {rate['today']:.2f} | "
+                  f"{best[rev] / best['today']:.2f}x | {same} |", flush=True)
 
 
 if __name__ == "__main__":
