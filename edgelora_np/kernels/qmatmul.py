@@ -212,6 +212,8 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
 
     xq [B, K] int8, xd [B, K/256] float32 and bsums [B, K/16] int32 are the q8_K activations.
     For k6 `mn` and `dmin` are unused: its codes are q + 32, so 32 * bsum is subtracted instead.
+    k4 sums its code rows as matmul_q4 does: 8 at a time in int16 (q8_K activations reach -128:
+    8 * 2 * 15 * 128 = 30720 < 2**15), the nibbles unpacked once per row for all tokens.
     """
     G, nb, half, T = qs.shape
     bs = 2 * half                                  # elements per sub-block
@@ -222,10 +224,13 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
     imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
+    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
+    nibbles = np.empty((G, 2, T), np.int16)
     weights = np.empty((G, 2, T), np.int32)
     scales = np.zeros((G, 2, T), np.float32)
     for g in prange(G):
         acc, itot, imin, isum = accs[g], itots[g], imins[g], isums[g]
+        psum, lo, hi = psums[g], nibbles[g, 0], nibbles[g, 1]
         s0, s1 = weights[g, 0], weights[g, 1]      # the sub-block's scale and min
         dw, mw = scales[g, 0], scales[g, 1]        # the super-block's d and dmin
         for b0 in range(0, B, TOKEN_CHUNK):
@@ -238,15 +243,33 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                     isum[:nbt] = 0
                     o = ib * bs
                     if bits == 4:
-                        for j in range(half):
-                            qrow = qs[g, ib, j]                          # [T] uint8
-                            for bb in range(nbt):
-                                xlo = np.int32(xq[b0 + bb, o + j])
-                                xhi = np.int32(xq[b0 + bb, o + half + j])
-                                row = isum[bb]
+                        for j0 in range(0, half, Q4_ROWS_IN_INT16):
+                            psum[:nbt] = 0
+                            for j in range(j0, j0 + Q4_ROWS_IN_INT16):
+                                qrow = qs[g, ib, j]                      # [T] uint8
+                                if nbt == 1:
+                                    xlo = np.int16(xq[b0, o + j])
+                                    xhi = np.int16(xq[b0, o + half + j])
+                                    prow = psum[0]
+                                    for t in range(T):
+                                        q = np.int16(qrow[t])
+                                        prow[t] = np.int16(prow[t] + (q & 15) * xlo
+                                                           + (q >> 4) * xhi)
+                                    continue
                                 for t in range(T):
-                                    q = np.int32(qrow[t])
-                                    row[t] += (q & 15) * xlo + (q >> 4) * xhi
+                                    lo[t] = np.int16(qrow[t] & 15)
+                                    hi[t] = np.int16(qrow[t] >> 4)
+                                for bb in range(nbt):
+                                    xlo = np.int16(xq[b0 + bb, o + j])
+                                    xhi = np.int16(xq[b0 + bb, o + half + j])
+                                    prow = psum[bb]
+                                    for t in range(T):
+                                        prow[t] = np.int16(prow[t] + lo[t] * xlo + hi[t] * xhi)
+                            for bb in range(nbt):
+                                row = isum[bb]
+                                prow = psum[bb]
+                                for t in range(T):
+                                    row[t] += np.int32(prow[t])
                     elif bits == 5:
                         # High-bit byte r holds elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1).
                         for r in range(4):
