@@ -182,7 +182,7 @@ def test_q8_integer_sums_at_the_extremes(batch, sign):
 # (d first, set to 1; a second one, m or dmin, set to 0).
 EXTREME_BLOCKS = {QT.Q5_0: (0x00, [0]), QT.Q5_1: (0xFF, [0, 2]), QT.IQ4_NL: (0x00, [0]),
                   QT.Q2_K: (0xFF, [80, 82]), QT.Q3_K: (0x00, [108]), QT.IQ4_XS: (0x00, [0]),
-                  QT.Q4_K: (0xFF, [0, 2])}
+                  QT.Q4_K: (0xFF, [0, 2]), QT.Q5_K: (0xFF, [0, 2]), QT.Q6_K: (0xFF, [208])}
 
 
 @pytest.mark.parametrize("qtype", list(EXTREME_BLOCKS), ids=lambda t: t.name)
@@ -190,8 +190,8 @@ EXTREME_BLOCKS = {QT.Q5_0: (0x00, [0]), QT.Q5_1: (0xFF, [0, 2]), QT.IQ4_NL: (0x0
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_decoded_kernels_integer_sums_at_the_extremes(qtype, batch, sign):
     """Every weight at its largest magnitude (Q5_0 -16, Q5_1 31, Q2_K 3 * 15, Q3_K -4 * -32,
-    IQ4 -127, Q4_K 63 * 15) against activations quantized to +-127 (q8_K: -128): the int16
-    partial sums at their bound."""
+    IQ4 -127, Q4_K 63 * 15, Q5_K 63 * 31, Q6_K codes 63 at scale -1) against activations
+    quantized to +-127 (q8_K: -128): the int16 partial sums at their bound."""
     fill, fp16_fields = EXTREME_BLOCKS[qtype]
     block = np.full(gguf.GGML_QUANT_SIZES[qtype][1], fill, np.uint8)
     for i, offset in enumerate(fp16_fields):

@@ -201,9 +201,9 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
 def _pairs_of_four(xr, e, half):
     """Activations e..e+3 and, half a sub-block on, e+half..e+half+3: the values one k5/k6 row
     update multiplies (a code byte pairs element j with element j + half)."""
-    return (np.int32(xr[e]), np.int32(xr[e + 1]), np.int32(xr[e + 2]), np.int32(xr[e + 3]),
-            np.int32(xr[e + half]), np.int32(xr[e + half + 1]), np.int32(xr[e + half + 2]),
-            np.int32(xr[e + half + 3]))
+    return (np.int16(xr[e]), np.int16(xr[e + 1]), np.int16(xr[e + 2]), np.int16(xr[e + 3]),
+            np.int16(xr[e + half]), np.int16(xr[e + half + 1]), np.int16(xr[e + half + 2]),
+            np.int16(xr[e + half + 3]))
 
 
 @njit(parallel=True, cache=True)
@@ -212,8 +212,11 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
 
     xq [B, K] int8, xd [B, K/256] float32 and bsums [B, K/16] int32 are the q8_K activations.
     For k6 `mn` and `dmin` are unused: its codes are q + 32, so 32 * bsum is subtracted instead.
-    k4 sums its code rows as matmul_q4 does: 8 at a time in int16 (q8_K activations reach -128:
-    8 * 2 * 15 * 128 = 30720 < 2**15), the nibbles unpacked once per row for all tokens.
+    The integer products are taken in int16 lanes, each partial sum stored to an int16 row (the
+    store is what keeps LLVM in 16-bit lanes) before it is widened and added in int32. Exact,
+    with q8_K activations reaching -128: k4 sums 8 code rows (8 * 2 * 15 * 128 = 30720 < 2**15),
+    the nibbles unpacked once per row for all tokens, as matmul_q4; k5 one row update of 8
+    products (8 * 31 * 128 = 31744); k6 half of one, 4 products (4 * 63 * 128 = 32256).
     """
     G, nb, half, T = qs.shape
     bs = 2 * half                                  # elements per sub-block
@@ -224,13 +227,13 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
     imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
+    psums = np.empty((G, 2, TOKEN_CHUNK, T), np.int16)
     nibbles = np.empty((G, 2, T), np.int16)
     weights = np.empty((G, 2, T), np.int32)
     scales = np.zeros((G, 2, T), np.float32)
     for g in prange(G):
         acc, itot, imin, isum = accs[g], itots[g], imins[g], isums[g]
-        psum, lo, hi = psums[g], nibbles[g, 0], nibbles[g, 1]
+        psum, psum2, lo, hi = psums[g, 0], psums[g, 1], nibbles[g, 0], nibbles[g, 1]
         s0, s1 = weights[g, 0], weights[g, 1]      # the sub-block's scale and min
         dw, mw = scales[g, 0], scales[g, 1]        # the super-block's d and dmin
         for b0 in range(0, B, TOKEN_CHUNK):
@@ -279,19 +282,22 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                             for bb in range(nbt):
                                 x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
                                     xq[b0 + bb], o + 4 * r, half)
+                                prow = psum[bb]
+                                for t in range(T):
+                                    h = np.int16(h_row[t])
+                                    a, b = np.int16(q0[t]), np.int16(q1[t])
+                                    c, d4 = np.int16(q2[t]), np.int16(q3[t])
+                                    prow[t] = np.int16(((a & 15) | ((h & 1) << 4)) * x0
+                                                       + ((a >> 4) | ((h & 2) << 3)) * y0
+                                                       + ((b & 15) | ((h & 4) << 2)) * x1
+                                                       + ((b >> 4) | ((h & 8) << 1)) * y1
+                                                       + ((c & 15) | (h & 16)) * x2
+                                                       + ((c >> 4) | ((h & 32) >> 1)) * y2
+                                                       + ((d4 & 15) | ((h & 64) >> 2)) * x3
+                                                       + ((d4 >> 4) | ((h & 128) >> 3)) * y3)
                                 row = isum[bb]
                                 for t in range(T):
-                                    h = np.int32(h_row[t])
-                                    a, b = np.int32(q0[t]), np.int32(q1[t])
-                                    c, d4 = np.int32(q2[t]), np.int32(q3[t])
-                                    row[t] += (((a & 15) | ((h & 1) << 4)) * x0
-                                               + ((a >> 4) | ((h & 2) << 3)) * y0
-                                               + ((b & 15) | ((h & 4) << 2)) * x1
-                                               + ((b >> 4) | ((h & 8) << 1)) * y1
-                                               + ((c & 15) | (h & 16)) * x2
-                                               + ((c >> 4) | ((h & 32) >> 1)) * y2
-                                               + ((d4 & 15) | ((h & 64) >> 2)) * x3
-                                               + ((d4 >> 4) | ((h & 128) >> 3)) * y3)
+                                    row[t] += np.int32(prow[t])
                     else:
                         # High-bit byte r holds elements 2r+i (bits 4i..4i+1) and 2r+i+8 (+2).
                         for r in range(0, 4, 2):
@@ -301,19 +307,22 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                             for bb in range(nbt):
                                 x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
                                     xq[b0 + bb], o + 2 * r, half)
+                                plo, phi = psum[bb], psum2[bb]
+                                for t in range(T):
+                                    h, k = np.int16(h_row[t]), np.int16(h_row1[t])
+                                    a, b = np.int16(q0[t]), np.int16(q1[t])
+                                    c, d4 = np.int16(q2[t]), np.int16(q3[t])
+                                    plo[t] = np.int16(((a & 15) | ((h & 3) << 4)) * x0
+                                                      + ((a >> 4) | ((h & 12) << 2)) * y0
+                                                      + ((b & 15) | (h & 48)) * x1
+                                                      + ((b >> 4) | ((h & 192) >> 2)) * y1)
+                                    phi[t] = np.int16(((c & 15) | ((k & 3) << 4)) * x2
+                                                      + ((c >> 4) | ((k & 12) << 2)) * y2
+                                                      + ((d4 & 15) | (k & 48)) * x3
+                                                      + ((d4 >> 4) | ((k & 192) >> 2)) * y3)
                                 row = isum[bb]
                                 for t in range(T):
-                                    h, k = np.int32(h_row[t]), np.int32(h_row1[t])
-                                    a, b = np.int32(q0[t]), np.int32(q1[t])
-                                    c, d4 = np.int32(q2[t]), np.int32(q3[t])
-                                    row[t] += (((a & 15) | ((h & 3) << 4)) * x0
-                                               + ((a >> 4) | ((h & 12) << 2)) * y0
-                                               + ((b & 15) | (h & 48)) * x1
-                                               + ((b >> 4) | ((h & 192) >> 2)) * y1
-                                               + ((c & 15) | ((k & 3) << 4)) * x2
-                                               + ((c >> 4) | ((k & 12) << 2)) * y2
-                                               + ((d4 & 15) | (k & 48)) * x3
-                                               + ((d4 >> 4) | ((k & 192) >> 2)) * y3)
+                                    row[t] += np.int32(plo[t]) + np.int32(phi[t])
                     for t in range(T):
                         s0[t] = np.int32(sc[g, ib, t])
                     if bits == 6:
