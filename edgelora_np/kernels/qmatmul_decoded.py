@@ -8,7 +8,9 @@ block of one tile, the kernel first turns the stored bits into the block's small
 weights, w [bs, T] int16 (shifts, masks and, for the IQ4 types, a 16-entry table lookup: ggml's
 kvalues_iq4nl), then every token of the chunk takes its exact integer dot product with them. The
 decode is paid once per block and tile and shared by the batch; weights stay at file size in
-memory and are never widened to float. Where the products are small (Q5_0/Q5_1: |w| <= 31,
+memory and are never widened to float. With one token there is nothing to share, and Q5_0/Q5_1
+decode as they multiply instead, without storing the block (1.3-1.4x; the same for the IQ4
+types was slower: their lookups are gathers either way). Where the products are small (Q5_0/Q5_1: |w| <= 31,
 Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in int16 lanes before widening, as
 matmul_q4 does; the IQ4 levels reach 127, so their sums are int32 from the start (and their
 table lookups vectorize only as 32-bit gathers).
@@ -74,6 +76,29 @@ def _decode_q5(qs_blk, qh_blk, zero, w):
             b = (np.int16(np.int16(hhi[t]) * p) >> 3) & np.int16(16)
             w[j, t] = np.int16(((q & 15) | a) - zero)
             w[j + 16, t] = np.int16(((q >> 4) | b) - zero)
+
+
+@njit(inline="always")
+def _dot_q5_one_token(qs_blk, qh_blk, zero, xr, o, rows, prow, irow):
+    """irow[t] = sum_j w[j, t] * xr[o + j] for one token, decoding the q5 block as it goes (as
+    _decode_q5) instead of storing it first: `rows` products at a time in int16 (prow)."""
+    T = prow.shape[0]
+    irow[:] = 0
+    for j0 in range(0, 16, rows // 2):                       # two products per j
+        prow[:] = 0
+        for j in range(j0, j0 + rows // 2):
+            qrow = qs_blk[j]
+            hlo, hhi = qh_blk[j >> 3], qh_blk[(j + 16) >> 3]
+            p = TO_BIT_7[j & 7]
+            xlo, xhi = np.int16(xr[o + j]), np.int16(xr[o + j + 16])
+            for t in range(T):
+                q = np.int16(qrow[t])
+                a = (np.int16(np.int16(hlo[t]) * p) >> 3) & np.int16(16)
+                b = (np.int16(np.int16(hhi[t]) * p) >> 3) & np.int16(16)
+                prow[t] = np.int16(prow[t] + (((q & 15) | a) - zero) * xlo
+                                   + (((q >> 4) | b) - zero) * xhi)
+        for t in range(T):
+            irow[t] += np.int32(prow[t])
 
 
 @njit(inline="always")
@@ -163,7 +188,10 @@ def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
             for ib in range(nb):
-                if is_q5:
+                if is_q5 and nbt == 1:
+                    _dot_q5_one_token(qs[g, ib], qh[g, ib], zero, xq[b0], ib * 32, rows,
+                                      psum[0], isum[0])
+                elif is_q5:
                     _decode_q5(qs[g, ib], qh[g, ib], zero, w16s[g])
                     _dot_int16(w16s[g], xq, b0, nbt, ib * 32, rows, psum, isum)
                 else:
