@@ -8,9 +8,9 @@ block of one tile, the kernel first turns the stored bits into the block's small
 weights, w [bs, T] int16 (shifts, masks and, for the IQ4 types, a 16-entry table lookup: ggml's
 kvalues_iq4nl), then every token of the chunk takes its exact integer dot product with them. The
 decode is paid once per block and tile and shared by the batch; weights stay at file size in
-memory and are never widened to float. With one token there is nothing to share, and Q5_0/Q5_1
-decode as they multiply instead, without storing the block (1.3-1.4x; the same for the IQ4
-types was slower: their lookups are gathers either way). Where the products are small (Q5_0/Q5_1: |w| <= 31,
+memory and are never widened to float. With one token there is nothing to share, and Q5_0,
+Q5_1, Q2_K and Q3_K decode as they multiply instead, without storing the block (1.3-1.4x; the
+same for the IQ4 types was slower: their lookups are gathers either way). Where the products are small (Q5_0/Q5_1: |w| <= 31,
 Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in int16 lanes before widening, as
 matmul_q4 does; the IQ4 levels reach 127, so their sums are int32 from the start (and their
 table lookups vectorize only as 32-bit gathers).
@@ -132,6 +132,30 @@ def _decode_two_bit(qs_blk, qh_blk, has_h, w):
 
 
 @njit(inline="always")
+def _dot_two_bit_one_token(qs_blk, qh_blk, has_h, xr, o, prow, irow):
+    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over a k2/k3 sub-block of 16, decoding
+    as it goes (as _decode_two_bit) instead of storing the block: all 16 products in int16."""
+    T = prow.shape[0]
+    prow[:] = 0
+    for j in range(16):
+        qrow = qs_blk[j & 3]
+        p = TO_BITS_67[j >> 2]
+        x = np.int16(xr[o + j])
+        if has_h:
+            hrow, ph = qh_blk[j >> 3], TO_BIT_7[j & 7]
+            for t in range(T):
+                low = (np.int16(np.int16(qrow[t]) * p) >> 6) & np.int16(3)
+                high = (np.int16(np.int16(hrow[t]) * ph) >> 5) & np.int16(4)
+                prow[t] = np.int16(prow[t] + ((low | high) - 4) * x)
+        else:
+            for t in range(T):
+                prow[t] = np.int16(prow[t] + ((np.int16(np.int16(qrow[t]) * p) >> 6)
+                                              & np.int16(3)) * x)
+    for t in range(T):
+        irow[t] = np.int32(prow[t])
+
+
+@njit(inline="always")
 def _dot_int16(w, xq, b0, nbt, o, rows, psum, isum):
     """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j], exactly: `rows` rows at a time in int16
     (psum), then widened."""
@@ -247,6 +271,9 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
                     if kind == KIND_IQ4XS:
                         _decode_iq4(qs[g, ib], table, w32s[g])
                         _dot_int32(w32s[g], xq, b0, nbt, ib * bs, isum)
+                    elif nbt == 1:
+                        _dot_two_bit_one_token(qs[g, ib], qh[g, ib], kind == KIND_K3, xq[b0],
+                                               ib * bs, psum[0], isum[0])
                     else:
                         _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16s[g])
                         _dot_int16(w16s[g], xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
