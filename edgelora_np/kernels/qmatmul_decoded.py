@@ -10,10 +10,10 @@ kvalues_iq4nl), then every token of the chunk takes its exact integer dot produc
 decode is paid once per block and tile and shared by the batch; weights stay at file size in
 memory and are never widened to float. With one token there is nothing to share, and Q5_0,
 Q5_1, Q2_K and Q3_K decode as they multiply instead, without storing the block (1.3-1.4x; the
-same for the IQ4 types was slower: their lookups are gathers either way). Where the products are small (Q5_0/Q5_1: |w| <= 31,
-Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in int16 lanes before widening, as
-matmul_q4 does; the IQ4 levels reach 127, so their sums are int32 from the start (and their
-table lookups vectorize only as 32-bit gathers).
+same for the IQ4 types was slower: their lookups are gathers either way). Where the products
+are small (Q5_0/Q5_1: |w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in
+int16 lanes before widening, as matmul_q4 does; the IQ4 levels reach 127, so their sums are
+int32 from the start (and their table lookups vectorize only as 32-bit gathers).
 
 Packed layouts, G = ceil(N / T) tiles, sub-blocks of bs elements:
     q5     (Q5_0, Q5_1; bs 32)
