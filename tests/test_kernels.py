@@ -7,6 +7,9 @@ Python) in well under a minute. With the JIT, the first run compiles every kerne
 (about 15 s, see the report in the PR); `cache=True` makes later runs load them from disk.
 """
 
+import ctypes
+import ctypes.util
+
 import gguf
 import gguf.quants
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import config as numba_config
 from numba import njit
 from tiny_model import K_TYPES, RANDOM_TYPES, random_k_blocks
 
@@ -483,6 +487,31 @@ def test_swiglu_matches_reference(batch, ffn):
         ref = elementwise.swiglu_ref(gate_up[:, :ffn], gate_up[:, ffn:])
     # The kernel may use a fast approximate exp and reciprocal (fastmath "afn", "arcp").
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-30)
+
+
+def test_expf_has_the_c_librarys_bits():
+    """elementwise.expf (SwiGLU's exponential) against the C library's expf, called through
+    ctypes: the same bits across float32's range and past both ends (inf above 88.72, 0 below
+    -103.97). glibc's expf uses FMA on AArch64 and on x86 with FMA, as this one does."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    rng = np.random.default_rng(21)
+    n = 2000 if numba_config.DISABLE_JIT else 300_000      # plain Python: an exact fma per call
+    x = np.concatenate([rng.uniform(-110.0, 95.0, n), rng.standard_normal(n) * 4,
+                        [0.0, -0.0, 1e-30, -1e-30, 88.72, 88.73, -87.34, -103.97, -104.5, 200.0,
+                         -200.0]]).astype(np.float32)
+    ours = np.array([elementwise.expf(v) for v in x], np.float32) if numba_config.DISABLE_JIT \
+        else _expf_all(x)
+    theirs = np.array([libm.expf(float(v)) for v in x], np.float32)
+    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+@njit
+def _expf_all(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = elementwise.expf(x[i])
+    return out
 
 
 # --- bits --------------------------------------------------------------------------------------

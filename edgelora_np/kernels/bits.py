@@ -49,6 +49,53 @@ bits_to_f32 = _bitcast_python if numba_config.DISABLE_JIT else _bitcast_u32_f32
 f32_to_bits = _bitcast_f32_python if numba_config.DISABLE_JIT else _bitcast_f32_u32
 
 
+@intrinsic
+def _bitcast_u64_f64(typingctx, bits):
+    sig = types.float64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bitcast_f64_u64(typingctx, value):
+    sig = types.uint64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _fma_f64(typingctx, a, b, c):
+    sig = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        d = ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [d], ir.FunctionType(d, [d, d, d]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+def _fma_python(a, b, c):
+    """a * b + c rounded once (exact rational arithmetic, then one rounding to float64)."""
+    from fractions import Fraction
+    return np.float64(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
+
+
+# The same for float64 and uint64, and a fused multiply-add (one rounding: llvm.fma, an
+# instruction on AArch64 and on x86 with FMA).
+bits_to_f64 = ((lambda b: np.array(b, np.uint64).view(np.float64)[()]) if numba_config.DISABLE_JIT
+               else _bitcast_u64_f64)
+f64_to_bits = ((lambda v: np.array(v, np.float64).view(np.uint64)[()]) if numba_config.DISABLE_JIT
+               else _bitcast_f64_u64)
+fma = _fma_python if numba_config.DISABLE_JIT else _fma_f64
+
+
 @njit(inline="always")
 def f16_to_f32(h):
     """Widen fp16 bits to float32, exact for every finite value, subnormals included.

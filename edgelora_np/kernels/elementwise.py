@@ -2,10 +2,12 @@
 Numba kernel for each, written to round like ggml (sums of squares in float64, float32 else).
 """
 
+from decimal import Decimal, getcontext
+
 import numpy as np
 from numba import njit
 
-from edgelora_np.kernels.bits import f32_to_f16_bits
+from edgelora_np.kernels.bits import bits_to_f64, f32_to_f16_bits, f64_to_bits, fma
 
 # --- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w   (ggml_rms_norm followed by ggml_mul) ---------
 
@@ -108,11 +110,48 @@ def swiglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return gate / (np.float32(1.0) + np.exp(-gate)) * up
 
 
-@njit(cache=True, fastmath={"contract", "arcp", "afn"})
+# e**x in float32 computed as glibc's expf computes it (the ARM optimized-routines algorithm):
+# in float64, x / ln 2 = (k + r) / 32, 2**(k/32) from a table, a cubic in r, one rounding to
+# float32 at the end. EXPF_TABLE[i] holds the bits of 2**(i/32) less i << 47, so that adding
+# k << 47 also puts 2**(k // 32) into the exponent.
+_EXPF_N = 32
+getcontext().prec = 40
+EXPF_TABLE = np.array([np.float64(float(Decimal(2) ** (Decimal(i) / _EXPF_N))).view(np.uint64)
+                       - np.uint64((i << 52) // _EXPF_N) for i in range(_EXPF_N)], np.uint64)
+_EXPF_C0 = float.fromhex("0x1.c6af84b912394p-5") / _EXPF_N**3
+_EXPF_C1 = float.fromhex("0x1.ebfce50fac4f3p-3") / _EXPF_N**2
+_EXPF_C2 = float.fromhex("0x1.62e42ff0c52d6p-1") / _EXPF_N
+_EXPF_INV_LN2_N = float.fromhex("0x1.71547652b82fep+0") * _EXPF_N
+_EXPF_SHIFT = float.fromhex("0x1.8p+52")          # adding it rounds to an integer, kept in bits
+
+
+@njit(inline="always", fastmath={"contract"})
+def expf(x):
+    """e**x for a float32 x with the bits of glibc's expf where that uses FMA (AArch64, and x86
+    with FMA; checked equal on 30 million arguments), but branch-free, so a loop of it
+    vectorizes where a call to libm does not. Beyond float32's range: inf, or 0."""
+    xd = min(max(np.float64(x), -104.0), 89.0)
+    kd = fma(_EXPF_INV_LN2_N, xd, _EXPF_SHIFT)
+    ki = f64_to_bits(kd)
+    kd -= _EXPF_SHIFT
+    r = fma(_EXPF_INV_LN2_N, xd, -kd)
+    s = bits_to_f64(EXPF_TABLE[ki % np.uint64(_EXPF_N)] + (ki << np.uint64(47)))
+    z = _EXPF_C0 * r + _EXPF_C1
+    y = _EXPF_C2 * r + 1.0
+    y = z * (r * r) + y
+    return np.float32(y * s)
+
+
+@njit(cache=True, fastmath={"contract", "arcp"}, error_model="numpy")
 def swiglu(gate_up, n_ffn, out):
-    """gate_up [B, 2F] (gate | up) -> out [B, F]."""
+    """gate_up [B, 2F] (gate | up) -> out [B, F], silu(g) * u = g / (1 + e**-g) * u.
+
+    The exponential is `expf` (libm's bits), so the loop vectorizes with the results it had
+    when it called libm: that call, and Numba's default check of every division for a zero
+    divisor (error_model "python"), kept it scalar, and SwiGLU took 5% of a batched step."""
     B = gate_up.shape[0]
     for b in range(B):
+        gate, up, row = gate_up[b, :n_ffn], gate_up[b, n_ffn:], out[b]
         for i in range(n_ffn):
-            g = gate_up[b, i]
-            out[b, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[b, n_ffn + i]
+            g = gate[i]
+            row[i] = g / (np.float32(1.0) + expf(-g)) * up[i]

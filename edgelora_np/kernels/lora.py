@@ -23,8 +23,8 @@ sit side by side, none padded to the largest.
 
 Two kernels share this layout:
   bgmv  (decode: tokens of many adapters)   one token at a time, each reading its own rows
-  sgmv  (prefill: runs of tokens sharing an adapter)   each adapter row is widened to float32
-        once per chunk of tokens and reused by all of them
+  sgmv  (prefill: runs of tokens sharing an adapter)   each adapter row (A and B) is widened
+        to float32 once per chunk of tokens and reused by all of them
 Per token, token_scale [B] float32 multiplies the correction: a request's own LoRA scale
 (llama-server's `lora: [{id, scale}]`), so two requests may share an adapter at different
 strengths in one batch.
@@ -42,17 +42,31 @@ SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
 def _shrink(a_row, xr_row):
-    """t = a . x for one rank row: fp16 bits times float32, vectorized (reassociated sum).
-    Callers pass slices of the arena: indexing a slice from 0 lets LLVM vectorize the loop."""
+    """t = a . x for one rank row, both float32, vectorized (reassociated sum). Callers pass
+    rows indexed from 0 (scratch rows): that lets LLVM vectorize the loop."""
     acc = np.float32(0.0)
     for k in range(xr_row.shape[0]):
-        acc += f16_to_f32(a_row[k]) * xr_row[k]
+        acc += a_row[k] * xr_row[k]
     return acc
 
 
 @njit(cache=True)
+def _widen(h_row, out):
+    """fp16 bits -> float32, one row of the arena into a scratch row."""
+    for k in range(h_row.shape[0]):
+        out[k] = f16_to_f32(h_row[k])
+
+
+@njit(cache=True)
 def _expand(y_row, t, b_row):
-    """y += t * b (fp16 bits), one rank row into its projection's columns."""
+    """y += t * b, one rank row (float32) into its projection's columns."""
+    for c in range(b_row.shape[0]):
+        y_row[c] += t * b_row[c]
+
+
+@njit(cache=True)
+def _expand16(y_row, t, b_row):
+    """_expand from fp16 bits (elementwise, so the same bits as widening first)."""
     for c in range(b_row.shape[0]):
         y_row[c] += t * f16_to_f32(b_row[c])
 
@@ -82,6 +96,7 @@ def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s
         if s < 0 or a_base[s] < 0 or _n_rows(ranks, s) == 0:
             continue
         xr = np.empty(K, np.float32)
+        a32 = np.empty(K, np.float32)
         _round_row(x[i], xr)
         row = 0
         b_at = b_base[s]
@@ -89,9 +104,9 @@ def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s
             c0, w = part_col0[p], part_width[p]
             for _ in range(ranks[s, p]):
                 a0 = a_base[s] + row * K
-                t = round_to_f16(_shrink(arena16[a0:a0 + K], xr)) * arena32[s_base[s] + row] \
-                    * token_scale[i]
-                _expand(y[i, c0:c0 + w], t, arena16[b_at:b_at + w])
+                _widen(arena16[a0:a0 + K], a32)
+                t = round_to_f16(_shrink(a32, xr)) * arena32[s_base[s] + row] * token_scale[i]
+                _expand16(y[i, c0:c0 + w], t, arena16[b_at:b_at + w])
                 row += 1
                 b_at += w
 
@@ -101,9 +116,10 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, token_scale, arena16, arena32,
               s_base, ranks, part_col0, part_width):
     """Segments: tokens seg_begin[g]..seg_end[g]-1 all use adapter slot seg_slot[g].
 
-    Work items are (segment, chunk of SEGMENT_CHUNK tokens); within one, each rank row's B
-    values are widened to float32 once and reused by every token of the chunk. Per token, the
-    arithmetic is the gather kernel's, so both give the same bits.
+    Work items are (segment, chunk of SEGMENT_CHUNK tokens); within one, each rank row's A
+    and B values are widened to float32 once and reused by every token of the chunk (widening
+    A per token took 12% of a batched step). Per token, the arithmetic is the gather kernel's,
+    so both give the same bits.
     """
     K = x.shape[1]
     n_seg = seg_slot.shape[0]
@@ -124,23 +140,21 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, token_scale, arena16, arena32,
         for i in range(t0, t1):
             _round_row(x[i], xr[i - t0])
         t = np.empty(t1 - t0, np.float32)
+        a32 = np.empty(K, np.float32)
+        b32 = np.empty(y.shape[1], np.float32)
         row = 0
         b_at = b_base[s]
         for p in range(ranks.shape[1]):
             c0, w = part_col0[p], part_width[p]
-            brow = np.empty(w, np.float32)
             for _ in range(ranks[s, p]):
                 scale = arena32[s_base[s] + row]
                 a0 = a_base[s] + row * K
-                a_row = arena16[a0:a0 + K]
+                _widen(arena16[a0:a0 + K], a32)
                 for i in range(t0, t1):
-                    t[i - t0] = round_to_f16(_shrink(a_row, xr[i - t0])) * scale * token_scale[i]
-                for c in range(w):
-                    brow[c] = f16_to_f32(arena16[b_at + c])
+                    t[i - t0] = round_to_f16(_shrink(a32, xr[i - t0])) * scale * token_scale[i]
+                _widen(arena16[b_at:b_at + w], b32[:w])
                 for i in range(t0, t1):
-                    ti = t[i - t0]
-                    for c in range(w):
-                        y[i, c0 + c] += ti * brow[c]
+                    _expand(y[i, c0:c0 + w], t[i - t0], b32[:w])
                 row += 1
                 b_at += w
 
