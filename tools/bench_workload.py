@@ -152,7 +152,9 @@ def run(server: Server, *, rate: float, n: int, alpha: float, duration: float = 
                        server_pid=server.pid, extra=EXTRA, timeout=1200)
     s = result.summary
     doc = {"server": server.kind, "rate": rate, "n": n, "alpha": alpha, "auto": auto,
-           "duration": duration, "summary": s, "process": result.server}
+           "duration": duration, "summary": s, "process": result.server,
+           "ttfts": sorted(r.ttft for r in result.results if r.ttft is not None),
+           "requests": len(result.results)}
     achieved = s["throughput"]["requests_per_s"] or 0.0
     doc["keeps_up"] = s["succeeded"] == s["requests"] and s["makespan_s"] <= duration + KEEP_UP_S
     tok = s["throughput"]["output_tokens_per_s"] or 0.0
@@ -188,7 +190,13 @@ def main() -> None:
     ap.add_argument("--rates", type=lambda s: tuple(float(r) for r in s.split(",")),
                     default=RATES, help="comma-separated offered rates of the sweep (req/s)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the plots from artifacts/bench_workload/results.json")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads((OUT / "results.json").read_text())
+        plots(saved["runs"], saved.get("memory"))
+        return
 
     from edgelora_np.default_model import resolve_model_path
 
@@ -239,7 +247,7 @@ def main() -> None:
         memory = None if args.skip_memory else memory_row(model, binary, args.threads, tmp)
     (OUT / "results.json").write_text(json.dumps({"runs": docs, "memory": memory}, indent=1))
     report(docs, memory)
-    plots(docs)
+    plots(docs, memory)
 
 
 def memory_row(model: str, binary: str, threads: int, tmp: Path) -> dict:
@@ -299,7 +307,35 @@ def report(docs: list[dict], memory: dict | None) -> None:
         print(f"\nmemory, {memory['n']} adapters: {json.dumps(memory, default=str)[:2000]}")
 
 
-def plots(docs: list[dict]) -> None:
+def cdf_rate(sweep: list[dict]) -> float | None:
+    """The rate of the TTFT CDF: the largest llama-server keeps up with (else the lowest)."""
+    theirs = [d for d in sweep if d["server"] == "llama-server" and d.get("ttfts") is not None]
+    if not theirs:
+        return None
+    best = sustainable(theirs)
+    return best["rate"] if best else min(d["rate"] for d in theirs)
+
+
+def memory_points(docs: list[dict], memory: dict | None) -> dict[str, list[tuple[int, float]]]:
+    """Peak RSS (MB) against the number of adapters n, per server: every run's server process,
+    the largest peak per n (all seven projections for n <= 128; rank 8 on q and v for 1024)."""
+    points: dict[str, dict[int, float]] = {"llama-server": {}, "edgelora": {}}
+    for d in docs:
+        rss = (d.get("process") or {}).get("peak_rss_mb")
+        if rss:
+            points[d["server"]][d["n"]] = max(rss, points[d["server"]].get(d["n"], 0.0))
+    if memory:
+        ours, theirs = memory.get("edgelora") or {}, memory.get("llama-server") or {}
+        if ours.get("peak_rss_mb"):
+            points["edgelora"][memory["n"]] = ours["peak_rss_mb"]
+        if theirs.get("peak_rss_mb"):
+            points["llama-server"][memory["n"]] = theirs["peak_rss_mb"]
+    return {kind: sorted(p.items()) for kind, p in points.items()}
+
+
+def plots(docs: list[dict], memory: dict | None = None) -> None:
+    """docs/bench_workload.png: throughput and TTFT <= 1 s attainment against the offered rate
+    (n = 32, alpha = 1), the TTFT CDF at one rate, and peak RSS against n."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,20 +343,36 @@ def plots(docs: list[dict]) -> None:
 
     sweep = [d for d in docs if d["n"] == 32 and d["alpha"] == 1.0 and not d["auto"]
              and d["slots"] == SLOTS]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ((a, b), (c, e)) = plt.subplots(2, 2, figsize=(11, 8))
+    at = cdf_rate(sweep)
     for kind, style in (("llama-server", "o--"), ("edgelora", "s-")):
-        pts = sorted((d["rate"], d) for d in sweep if d["server"] == kind)
-        if not pts:
-            continue
-        rates = [r for r, _ in pts]
-        a.plot(rates, [d["summary"]["throughput"]["output_tokens_per_s"] or 0 for _, d in pts],
-               style, label=kind)
-        b.plot(rates, [100 * slo(d["summary"], 1.0) for _, d in pts], style, label=kind)
+        pts = sorted(((d["rate"], d) for d in sweep if d["server"] == kind), key=lambda p: p[0])
+        if pts:
+            rates = [r for r, _ in pts]
+            a.plot(rates, [d["summary"]["throughput"]["output_tokens_per_s"] or 0
+                           for _, d in pts], style, label=kind)
+            b.plot(rates, [100 * slo(d["summary"], 1.0) for _, d in pts], style, label=kind)
+        run = next((d for r, d in pts if r == at and d.get("ttfts") is not None), None)
+        if run:
+            ttfts = run["ttfts"]
+            # Failed requests never reach the curve: it ends below 100% by their share.
+            share = [100.0 * (i + 1) / run["requests"] for i in range(len(ttfts))]
+            c.step(ttfts, share, where="post", label=f"{kind} ({len(ttfts)}/{run['requests']})",
+                   linestyle="--" if kind == "llama-server" else "-")
+    for kind, style in (("llama-server", "o--"), ("edgelora", "s-")):
+        pts = memory_points(docs, memory)[kind]
+        if pts:
+            e.plot([n for n, _ in pts], [mb for _, mb in pts], style, label=kind)
     a.set(xlabel="offered rate (req/s)", ylabel="output tok/s", title="throughput, n=32, alpha=1")
     b.set(xlabel="offered rate (req/s)", ylabel="% requests with TTFT <= 1 s",
           title="SLO attainment")
-    a.legend()
-    b.legend()
+    c.set(xscale="log", xlabel="TTFT (s, from the intended arrival)", ylabel="% of requests",
+          title=f"TTFT CDF at {at} req/s" if at is not None else "TTFT CDF (no run)")
+    c.axvline(1.0, color="grey", linewidth=0.8)
+    e.set(xscale="log", xlabel="adapters n", ylabel="peak RSS (MB)",
+          title="memory vs adapters (1024: rank 8 on q, v)")
+    for ax in (a, b, c, e):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "bench_workload.png", dpi=100)
 
