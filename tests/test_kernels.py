@@ -577,12 +577,33 @@ def test_f32_to_f16_bits_matches_numpy():
         assert np.array_equal(_to_f16_bits(x), expected)
 
 
+@njit
+def widen_all_arith(h, out):
+    for i in range(h.shape[0]):
+        out[i] = bits.f16_to_f32_arith(h[i])
+
+
 def test_f16_to_f32_every_finite_pattern():
+    """The kernels' widening (the CPU's conversion where it has one) and the integer version
+    behind it, against NumPy, on every finite fp16 value."""
     h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     h = h[(h & 0x7C00) != 0x7C00]                                          # drop inf and NaN
+    expected = h.view(np.float16).astype(np.float32).view(np.uint32)
+    for widen in (lambda h, out: widen_all(h, False, out), widen_all_arith):
+        out = np.empty(len(h), np.float32)
+        widen(h, out)
+        assert np.array_equal(out.view(np.uint32), expected)
+
+
+@pytest.mark.skipif(bits.f16_to_f32 is not bits.f16_to_f32_native,
+                    reason="this CPU has no fp16 conversion: kernels use the integer version")
+def test_native_f16_widening_from_wider_integers_and_at_infinity():
+    """The native widening reads the low 16 bits of whatever integer it is given, and keeps
+    infinities (the integer version does not need to: scales and caches are finite)."""
+    h = np.array([0x3C00, 0xFC00, 0x7C00, 0x0001, 0x8001], np.int64) | (7 << 16)
     out = np.empty(len(h), np.float32)
     widen_all(h, False, out)
-    assert np.array_equal(out.view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
+    assert out.tolist() == [1.0, -np.inf, np.inf, 2.0**-24, -(2.0**-24)]
 
 
 def test_bf16_to_f32_every_pattern():
