@@ -2,7 +2,7 @@
 Numba kernel for each, written to round like ggml (sums of squares in float64, float32 else).
 """
 
-from decimal import Decimal, getcontext
+from decimal import Context
 
 import numpy as np
 from numba import njit
@@ -115,8 +115,8 @@ def swiglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 # float32 at the end. EXPF_TABLE[i] holds the bits of 2**(i/32) less i << 47, so that adding
 # k << 47 also puts 2**(k // 32) into the exponent.
 _EXPF_N = 32
-getcontext().prec = 40
-EXPF_TABLE = np.array([np.float64(float(Decimal(2) ** (Decimal(i) / _EXPF_N))).view(np.uint64)
+_EXACT = Context(prec=40)       # 2**(i/32) to 40 digits, then rounded once to float64
+EXPF_TABLE = np.array([np.float64(float(_EXACT.power(2, _EXACT.divide(i, _EXPF_N)))).view(np.uint64)
                        - np.uint64((i << 52) // _EXPF_N) for i in range(_EXPF_N)], np.uint64)
 _EXPF_C0 = float.fromhex("0x1.c6af84b912394p-5") / _EXPF_N**3
 _EXPF_C1 = float.fromhex("0x1.ebfce50fac4f3p-3") / _EXPF_N**2
