@@ -17,58 +17,32 @@ from numba.extending import intrinsic, overload
 _F16_EXP_REBIAS = np.float32(2.0**112)
 
 
-@intrinsic
-def _bitcast_u32_f32(typingctx, bits):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
+# Numba's and LLVM's names of each scalar type a bitcast takes or gives.
+_TYPES = {np.uint32: (types.uint32, ir.IntType(32)), np.float32: (types.float32, ir.FloatType()),
+          np.uint64: (types.uint64, ir.IntType(64)), np.float64: (types.float64, ir.DoubleType())}
 
 
-def _bitcast_python(bits):
-    return np.array(bits, dtype=np.uint32).view(np.float32)[()]
+def _bitcast(src, dst):
+    """A function from a `src` scalar to the `dst` scalar with the same bits (C: memcpy), for
+    kernels: an LLVM bitcast, which Numba cannot spell itself. With NUMBA_DISABLE_JIT=1 the
+    kernels run as plain Python and get a NumPy view instead."""
+    if numba_config.DISABLE_JIT:
+        return lambda value: np.array(value, src).view(dst)[()]
+
+    def cast(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _TYPES[dst][1])
+
+        return _TYPES[dst][0](_TYPES[src][0]), codegen
+
+    cast.__name__ = cast.__qualname__ = f"bitcast_{np.dtype(src).name}_{np.dtype(dst).name}"
+    return intrinsic(cast)
 
 
-@intrinsic
-def _bitcast_f32_u32(typingctx, value):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-def _bitcast_f32_python(value):
-    return np.array(value, dtype=np.float32).view(np.uint32)[()]
-
-
-# float32 whose bit pattern is the uint32 `bits` (C: memcpy(&f, &bits, 4)), and back. With
-# NUMBA_DISABLE_JIT=1 the kernels run as plain Python and need a plain-Python bitcast.
-bits_to_f32 = _bitcast_python if numba_config.DISABLE_JIT else _bitcast_u32_f32
-f32_to_bits = _bitcast_f32_python if numba_config.DISABLE_JIT else _bitcast_f32_u32
-
-
-@intrinsic
-def _bitcast_u64_f64(typingctx, bits):
-    sig = types.float64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _bitcast_f64_u64(typingctx, value):
-    sig = types.uint64(types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return sig, codegen
+bits_to_f32 = _bitcast(np.uint32, np.float32)
+f32_to_bits = _bitcast(np.float32, np.uint32)
+bits_to_f64 = _bitcast(np.uint64, np.float64)
+f64_to_bits = _bitcast(np.float64, np.uint64)
 
 
 @intrinsic
@@ -89,12 +63,7 @@ def _fma_python(a, b, c):
     return np.float64(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
 
 
-# The same for float64 and uint64, and a fused multiply-add (one rounding: llvm.fma, an
-# instruction on AArch64 and on x86 with FMA).
-bits_to_f64 = ((lambda b: np.array(b, np.uint64).view(np.float64)[()]) if numba_config.DISABLE_JIT
-               else _bitcast_u64_f64)
-f64_to_bits = ((lambda v: np.array(v, np.float64).view(np.uint64)[()]) if numba_config.DISABLE_JIT
-               else _bitcast_f64_u64)
+# A fused multiply-add (one rounding: llvm.fma, an instruction on AArch64 and on x86 with FMA).
 fma = _fma_python if numba_config.DISABLE_JIT else _fma_f64
 
 
