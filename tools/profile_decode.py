@@ -2,6 +2,7 @@
 
     python tools/profile_decode.py [--model PATH] [--tokens 64] [--prompt-tokens 256]
     python tools/profile_decode.py --kernels [Q4_0,Q2_K,...] [--against REV]
+    python tools/profile_decode.py --workload [--against REV]
 
 Prints the share of wall time of each Numba kernel and of the Python around them, for decode
 steps (one token, one sequence) after a prompt of the given length; recorded in
@@ -15,6 +16,13 @@ docs/benchmarks.md.
 at git revision REV, timed alternately with today's in the same process (best of 30 each), with
 their ratio and whether the outputs are identical. On a VM whose speed drifts by 10-30% between
 runs, this is how a kernel step is measured.
+
+--workload: batched multi-LoRA decode in process, the request mix of the workload benchmark
+(48 requests, prompts of 16-128 tokens, 16-64 output tokens, 32 random rank-8 adapters on all
+seven projections with Zipf popularity, alpha = 1) submitted at once to an Engine with 16
+sequences and 256 tokens per step; output tok/s of each run, then cProfile over one more run.
+With --against REV, REV's matmul kernels and today's run the same mix alternately (3 rounds),
+and the generated tokens are compared.
 """
 
 from __future__ import annotations
@@ -36,8 +44,13 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="?", const="all", default=None, metavar="TYPES",
                     help="time each quant type's matmul alone (comma-separated GGML type names)")
     ap.add_argument("--against", metavar="REV", default=None,
-                    help="with --kernels: time the matmul kernels of git revision REV too")
+                    help="with --kernels or --workload: time the matmul kernels of git "
+                         "revision REV too")
+    ap.add_argument("--workload", action="store_true",
+                    help="profile batched multi-LoRA decode under the workload's request mix")
     args = ap.parse_args()
+    if args.workload:
+        return workload(args.model, args.threads, args.against)
     if args.against is not None:
         return kernel_ab(args.kernels or "all", args.against)
     if args.kernels is not None:
@@ -138,16 +151,10 @@ def kernels_at(rev: str) -> dict:
     return found
 
 
-def kernel_ab(types: str, rev: str, n: int = 2816, k: int = 1024, rounds: int = 30) -> None:
+def kernel_switch(rev: str):
+    """A context manager factory: kernels_of(variant) runs its body with REV's matmul kernels
+    in kernels/pack.py when variant == rev, and with today's otherwise."""
     import contextlib
-    import sys
-    from pathlib import Path
-
-    import numba
-    from gguf import GGMLQuantizationType as QT
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_model import random_weight
 
     from edgelora_np.kernels import pack
 
@@ -163,6 +170,22 @@ def kernel_ab(types: str, rev: str, n: int = 2816, k: int = 1024, rounds: int = 
         finally:
             vars(pack).update(today)
 
+    return kernels_of
+
+
+def kernel_ab(types: str, rev: str, n: int = 2816, k: int = 1024, rounds: int = 30) -> None:
+    import sys
+    from pathlib import Path
+
+    import numba
+    from gguf import GGMLQuantizationType as QT
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_model import random_weight
+
+    from edgelora_np.kernels import pack
+
+    kernels_of = kernel_switch(rev)
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
     print(f"one thread, W [{n}, {k}], GMAC/s of process CPU time, best of {rounds}, {rev}'s "
@@ -188,6 +211,70 @@ def kernel_ab(types: str, rev: str, n: int = 2816, k: int = 1024, rounds: int = 
             rate = {v: b * n * k / best[v] / 1e9 for v in best}
             print(f"| {name} | {b} | {rate[rev]:.2f} | {rate['today']:.2f} | "
                   f"{best[rev] / best['today']:.2f}x | {same} |", flush=True)
+
+
+def workload(model: str | None, threads: int | None, rev: str | None, n_adapters: int = 32,
+             rounds: int = 3) -> None:
+    import contextlib
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import edgelora_np as el
+    from edgelora_np.loadgen.workload import WorkloadSpec, make_workload
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_lora import write_adapters
+
+    m = el.load_model(model, n_threads=threads, progress=False)
+    engine = el.Engine(m, max_batch_tokens=256, max_seqs=16, background=False,
+                       prefix_cache=False)
+    with tempfile.TemporaryDirectory() as folder:
+        for i, path in enumerate(write_adapters(Path(folder), n_adapters)):
+            engine.add_adapter(f"t{i}", path)
+    spec = WorkloadSpec(rate=48.0, duration=1.0, alpha=1.0, prompt_tokens=(16, 128),
+                        output_tokens=(16, 64), seed=0)
+    mix = make_workload(spec, n_adapters, range(100, 40000))
+
+    def run(profiler=None):
+        gens = [engine.submit(mix.prompt(i), adapter=f"t{mix.target[i]}", temperature=0.0,
+                              ignore_eos=True, max_tokens=int(mix.output_len[i]))
+                for i in range(len(mix))]
+        t0 = time.perf_counter()
+        with profiler or contextlib.nullcontext():
+            while engine.step():
+                pass
+        wall = time.perf_counter() - t0
+        tokens = [list(g.token_ids) for g in gens]
+        return sum(map(len, tokens)) / wall, tokens, wall
+
+    kernels_of = kernel_switch(rev) if rev else (lambda variant: contextlib.nullcontext())
+    variants = (rev, "today") if rev else ("today",)
+    rates, outputs = {v: [] for v in variants}, {}
+    for r in range(rounds + 1):                                 # round 0 compiles
+        for variant in variants:
+            with kernels_of(variant):
+                rate, outputs[variant], _ = run()
+            if r:
+                rates[variant].append(rate)
+    print(f"{len(mix)} requests ({int(mix.prompt_len.sum())} prompt tokens, "
+          f"{int(mix.output_len.sum())} output tokens), {n_adapters} adapters, 16 sequences, "
+          f"256 tokens per step; output tok/s per round\n")
+    for variant in variants:
+        print(f"{variant}: " + ", ".join(f"{x:.1f}" for x in rates[variant])
+              + f" (median {float(np.median(rates[variant])):.1f})")
+    if rev:
+        same = outputs[rev] == outputs["today"]
+        print(f"generated tokens {'identical' if same else 'DIFFER'} between {rev} and today")
+    profiler = cProfile.Profile()
+    _, _, wall = run(profiler)
+    rows = sorted(((tottime, func) for (_, _, func), (_, _, tottime, _, _)
+                   in pstats.Stats(profiler).stats.items()), reverse=True)
+    print(f"\ncProfile over one more run (today's kernels): {wall:.2f} s\n")
+    print("| function | s | share |")
+    print("| --- | ---: | ---: |")
+    for tottime, func in rows[:12]:
+        print(f"| {func} | {tottime:.2f} | {100 * tottime / wall:.1f}% |")
 
 
 if __name__ == "__main__":

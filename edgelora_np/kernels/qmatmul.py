@@ -76,36 +76,36 @@ def _q4_block_sums(qb, xq, b0, nbt, o, nibbles, psum, isum):
     isum[:nbt] = 0
     for j0 in range(0, half, Q4_ROWS_IN_INT16):
         psum[:nbt] = 0
-        for j in range(j0, j0 + Q4_ROWS_IN_INT16, 4):
-            if nbt == 1:
-                xr = xq[b0, o:]
-                row = psum[0]
-                for jj in range(j, j + 4):
-                    qrow = qb[jj]
-                    xlo, xhi = np.int16(xr[jj]), np.int16(xr[half + jj])
-                    for t in range(T):
-                        q = np.int16(qrow[t])
-                        row[t] = np.int16(row[t] + (q & 15) * xlo + (q >> 4) * xhi)
-                continue
-            q0, q1, q2, q3 = qb[j], qb[j + 1], qb[j + 2], qb[j + 3]
-            for t in range(T):
-                lo0[t], hi0[t] = np.int16(q0[t] & 15), np.int16(q0[t] >> 4)
-                lo1[t], hi1[t] = np.int16(q1[t] & 15), np.int16(q1[t] >> 4)
-            for t in range(T):
-                lo2[t], hi2[t] = np.int16(q2[t] & 15), np.int16(q2[t] >> 4)
-                lo3[t], hi3[t] = np.int16(q3[t] & 15), np.int16(q3[t] >> 4)
-            for bb in range(nbt):
-                xr = xq[b0 + bb, o:]
-                x0, x1 = np.int16(xr[j]), np.int16(xr[half + j])
-                x2, x3 = np.int16(xr[j + 1]), np.int16(xr[half + j + 1])
-                x4, x5 = np.int16(xr[j + 2]), np.int16(xr[half + j + 2])
-                x6, x7 = np.int16(xr[j + 3]), np.int16(xr[half + j + 3])
-                row = psum[bb]
+        if nbt == 1:
+            xr = xq[b0, o:]
+            row = psum[0]
+            for j in range(j0, j0 + Q4_ROWS_IN_INT16):
+                qrow = qb[j]
+                xlo, xhi = np.int16(xr[j]), np.int16(xr[half + j])
                 for t in range(T):
-                    row[t] = np.int16(row[t] + lo0[t] * x0 + hi0[t] * x1
-                                      + lo1[t] * x2 + hi1[t] * x3
-                                      + lo2[t] * x4 + hi2[t] * x5
-                                      + lo3[t] * x6 + hi3[t] * x7)
+                    q = np.int16(qrow[t])
+                    row[t] = np.int16(row[t] + (q & 15) * xlo + (q >> 4) * xhi)
+        else:
+            for j in range(j0, j0 + Q4_ROWS_IN_INT16, 4):
+                q0, q1, q2, q3 = qb[j], qb[j + 1], qb[j + 2], qb[j + 3]
+                for t in range(T):
+                    lo0[t], hi0[t] = np.int16(q0[t] & 15), np.int16(q0[t] >> 4)
+                    lo1[t], hi1[t] = np.int16(q1[t] & 15), np.int16(q1[t] >> 4)
+                for t in range(T):
+                    lo2[t], hi2[t] = np.int16(q2[t] & 15), np.int16(q2[t] >> 4)
+                    lo3[t], hi3[t] = np.int16(q3[t] & 15), np.int16(q3[t] >> 4)
+                for bb in range(nbt):
+                    xr = xq[b0 + bb, o:]
+                    x0, x1 = np.int16(xr[j]), np.int16(xr[half + j])
+                    x2, x3 = np.int16(xr[j + 1]), np.int16(xr[half + j + 1])
+                    x4, x5 = np.int16(xr[j + 2]), np.int16(xr[half + j + 2])
+                    x6, x7 = np.int16(xr[j + 3]), np.int16(xr[half + j + 3])
+                    row = psum[bb]
+                    for t in range(T):
+                        row[t] = np.int16(row[t] + lo0[t] * x0 + hi0[t] * x1
+                                          + lo1[t] * x2 + hi1[t] * x3
+                                          + lo2[t] * x4 + hi2[t] * x5
+                                          + lo3[t] * x6 + hi3[t] * x7)
         for bb in range(nbt):
             irow = isum[bb]
             prow = psum[bb]
