@@ -165,6 +165,44 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
 
 
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")
+@pytest.mark.parametrize("kernel", ["matmul_q4", "matmul_q8"])
+def test_integer_products_are_taken_in_16_bit_lanes(kernel):
+    """The q4 and q8 kernels' integer products compile to 16-bit vector multiplies on both
+    targets: AVX2 `vpmullw`; AArch64 NEON into .8h lanes (q4: `mul`/`mla`; q8: the widening
+    `smull`/`smlal` from int8). A 32-bit multiply has half the lanes; one crept in unnoticed
+    once (a q8 pair sum added straight into int32)."""
+    import platform
+    import re
+
+    import llvmlite.binding as llvm
+
+    from edgelora_np.kernels import qmatmul
+
+    machine = platform.machine()
+    if machine == "x86_64" and not llvm.get_host_cpu_features().flatten().count("+avx2"):
+        pytest.skip("x86 without AVX2: no 16-bit lanes to check for")
+    if machine not in ("x86_64", "aarch64"):
+        pytest.skip(f"no expectation written down for {machine}")
+    fresh = njit(parallel=True)(getattr(qmatmul, kernel).py_func)    # uncached: asm readable
+    rows, cols, batch = 32, 64, 3
+    rng = np.random.default_rng(0)
+    qtype = QT.Q4_1 if kernel == "matmul_q4" else QT.Q8_0
+    raw = rng.integers(0, 256, (rows, cols // 32 * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    w = pack.pack_gguf(raw, qtype, rows, cols, 1)
+    xq, xd, xs = actquant.quantize_activations(rng.standard_normal((batch, cols), np.float32),
+                                               w.act)
+    m = w.m if w.m is not None else np.zeros((1, 0, 1), np.uint16)
+    fresh(w.qs, w.d, m, xq, xd, xs, np.zeros((batch, rows), np.float32))
+    asm = "".join(fresh.inspect_asm().values())
+    if machine == "aarch64":
+        found = sorted(set(re.findall(r"\b([su]?ml[as]l?2?|[su]?mull2?|mul)\s+v\d+\.(\w+)", asm)))
+        assert any(lanes == "8h" for _, lanes in found), f"vector multiplies: {found}"
+    else:
+        found = sorted(set(re.findall(r"\b(vpmul\w+|vpmadd\w+)\b", asm)))
+        assert "vpmullw" in found, f"vector multiplies: {found}"
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_q8_integer_sums_at_the_extremes(batch, sign):

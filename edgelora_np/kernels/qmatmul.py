@@ -53,7 +53,8 @@ TOKEN_CHUNK = 16
 
 # q4 code rows whose products are summed in int16 before widening: each row adds at most
 # 2 * 15 * 128 = 3840 in magnitude, so 8 rows stay within 30720 < 2**15. 16-bit lanes hold
-# twice the products of 32-bit ones per vector (AVX2 vpmullw, NEON mla.8h).
+# twice the products of 32-bit ones per vector (AVX2 vpmullw, NEON mul/mla .8h; a test reads
+# the assembly).
 Q4_ROWS_IN_INT16 = 8
 
 
@@ -171,8 +172,8 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
 
     Code rows are multiplied in pairs in int16 and each pair's sum is stored to an int16 row
     before it is widened and added up in int32: exact (see Q8_ROWS_IN_INT16), and the store
-    is what lets LLVM keep the products in 16-bit lanes (vpmullw, NEON mul.8h), twice as
-    many per vector as int32's.
+    is what lets LLVM keep the products in 16-bit lanes (vpmullw; NEON smull/smlal .8h from
+    int8), twice as many per vector as int32's.
     """
     G, nb, bs, T = qs.shape
     B = xq.shape[0]
