@@ -232,6 +232,7 @@ def workload(model: str | None, threads: int | None, rev: str | None, n_adapters
     with tempfile.TemporaryDirectory() as folder:
         for i, path in enumerate(write_adapters(Path(folder), n_adapters)):
             engine.add_adapter(f"t{i}", path)
+    # rate x duration = 48 requests; their arrival times are not used: all are submitted at once.
     spec = WorkloadSpec(rate=48.0, duration=1.0, alpha=1.0, prompt_tokens=(16, 128),
                         output_tokens=(16, 64), seed=0)
     mix = make_workload(spec, n_adapters, range(100, 40000))
