@@ -4,6 +4,8 @@
   adapter pin come back: after a failure outside the forward (the engine thread dies), after
   the prefetcher dies, after close(), after cancel().
 - Nothing waits on a forward: submit, stats and add_adapter return while a forward is blocked.
+- Every forward runs on the one compute thread, whichever thread calls it, so that Numba's
+  OpenMP pools do not multiply (model/compute.py), and with its caller's thread count.
 - The engine thread runs with the model's thread count; handles only consume (text complete
   without iterating, async stream equals the sync result); a hand-stepped engine's handle
   refuses to block forever; a full queue refuses with QueueFullError.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import threading
 
 import numba
@@ -27,6 +30,8 @@ import edgelora_np as el
 from edgelora_np.adapters.packed import pack
 from edgelora_np.adapters.store import AdapterStore
 from edgelora_np.errors import EngineError, QueueFullError
+from edgelora_np.model import compute
+from edgelora_np.model.batch import Batch
 from edgelora_np.model.kv_cache import PAGE_SIZE
 
 PROMPTS = [[5, 17, 42, 99], [7, 8, 9], [250, 3, 31, 64, 64, 12], [120, 121]]
@@ -183,18 +188,74 @@ def test_engine_thread_uses_the_models_thread_count(tiny, monkeypatch):
     if numba.config.NUMBA_NUM_THREADS > 1:
         numba.set_num_threads(2)              # this thread differs; the engine's must not
     seen = []
-    real_forward = model.llama.forward
+    real_forward = model.llama._forward
 
     def recording_forward(*args, **kw):
         seen.append(numba.get_num_threads())
         return real_forward(*args, **kw)
 
-    monkeypatch.setattr(model.llama, "forward", recording_forward)
+    monkeypatch.setattr(model.llama, "_forward", recording_forward)
     engine = el.Engine(model)
     engine.submit(PROMPTS[0], temperature=0.0, max_tokens=3).run()
     engine.close()
     numba.set_num_threads(1)
     assert seen and set(seen) == {1}
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two Numba threads")
+def test_forwards_from_many_threads_share_one_compute_thread(tiny, monkeypatch):
+    """libgomp keeps a worker pool per thread that starts a parallel region, for that thread's
+    life; with more pooled threads than cores, every region waits for its workers to wake.
+    Forwards from several live threads must therefore all run on one thread, and the later
+    callers must add no OS threads."""
+    model, _ = tiny
+    ran_on, errors = [], []
+    real_forward = model.llama._forward
+
+    def recording_forward(*args, **kw):
+        ran_on.append(threading.current_thread().name)
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(model.llama, "_forward", recording_forward)
+    release = threading.Event()
+
+    def caller(ready):
+        try:
+            numba.set_num_threads(2)                 # a pool of one worker, if this thread had one
+            model.logits(PROMPTS[0])
+        except BaseException as e:                   # noqa: BLE001 - reported below
+            errors.append(e)
+        ready.set()
+        release.wait(TIMEOUT)                        # stays alive: so would its pool
+
+    threads, counts = [], []
+    try:
+        for _ in range(3):
+            ready = threading.Event()
+            threads.append(threading.Thread(target=caller, args=(ready,)))
+            threads[-1].start()
+            assert ready.wait(TIMEOUT)
+            counts.append(os_threads())
+    finally:
+        release.set()
+        for t in threads:
+            t.join(TIMEOUT)
+    assert not errors, errors
+    assert len(set(ran_on)) == 1 and ran_on[0].startswith(compute.THREAD_NAME), ran_on
+    # Each caller is one more thread itself; its forwards added nothing else.
+    assert counts[1] == counts[0] + 1 and counts[2] == counts[0] + 2, counts
+
+
+def test_a_forwards_error_is_raised_in_its_caller(tiny):
+    model, _ = tiny
+    V = model.config.vocab_size
+    with pytest.raises(el.EdgeLoraError, match=f"token id {V + 5} is outside"):
+        model.llama.forward(Batch.single([1, V + 5]), model.llama.new_cache(8))
+    assert model.logits(PROMPTS[1]).shape == (len(PROMPTS[1]), V)       # and it still serves
 
 
 def test_handles_only_consume(tiny):

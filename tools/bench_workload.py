@@ -11,6 +11,8 @@ U{Ol..Ou} output tokens with EOS ignored, greedy, no prompt cache on either side
 names its adapter (llama-server: `lora: [{id, scale: 1}]`; ours: `adapter: NAME`).
 
 Runs (the default grid takes about 40 minutes; --full is the issue's whole grid, hours):
+- single stream: one request alone, 128 greedy tokens on the base model, decode tok/s from its
+  streamed pieces (3 alternating rounds, on the first server pair);
 - rate sweep at n = 32, alpha = 1, 16 slots: throughput vs offered rate, TTFT SLO attainment
   (rates 0.25-1.5 req/s: on a 2-core x86 VM both servers saturate below 1 req/s with this
   request mix; --rates changes them);
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +56,9 @@ EXTRA = {"temperature": 0, "cache_prompt": False}
 POOL_MB = 256
 KEEP_UP_S = 30.0       # a run keeps up if every request is done within its duration + this
 QV = ("attn_q", "attn_v")
+SINGLE_PROMPT = "Once upon a time"
+SINGLE_TOKENS = 128
+SINGLE_ROUNDS = 3
 
 
 # --- adapters and servers ---------------------------------------------------------------------
@@ -165,6 +171,22 @@ def run(server: Server, *, rate: float, n: int, alpha: float, duration: float = 
     return doc
 
 
+def single_stream(server: Server, *, tokens: int = SINGLE_TOKENS) -> float:
+    """Decode tok/s of one streamed request alone on the server (base model, greedy, EOS
+    ignored): tokens after the first over the time from the first piece to the last."""
+    import httpx
+
+    body = {"prompt": SINGLE_PROMPT, "n_predict": tokens, "ignore_eos": True, "stream": True,
+            **EXTRA}
+    stamps = []
+    with httpx.stream("POST", server.url + "/completion", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("content"):
+                stamps.append(time.perf_counter())
+    return (tokens - 1) / (stamps[-1] - stamps[0])
+
+
 def slo(summary: dict, bound: float) -> float:
     """Share of all requests whose first token came within `bound` seconds."""
     return next((x["attained"] or 0.0) for x in summary["slo_ttft"] if x["bound_s"] == bound)
@@ -206,6 +228,7 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
     OUT.mkdir(parents=True, exist_ok=True)
     docs: list[dict] = []
+    single: dict[str, list[float]] = {}
     ns = (8, 32, 128, 1024) if args.full else (8, 32, 128)
     alphas = (0.5, 1.0, 2.0)
     slot_counts = (16, 32) if args.full else (SLOTS,)
@@ -224,6 +247,8 @@ def main() -> None:
                         sys.exit(f"{server.kind} failed to start: {server.failure} "
                                  f"(log in {server.log.name})")
                 try:
+                    if not single:
+                        single = single_stream_rounds(theirs, ours)
                     top = args.rates[-1]
                     for alpha in (alphas if args.full or n == 32 else (1.0,)):
                         full_sweep = args.full or (n == 32 and alpha == 1.0)
@@ -243,10 +268,12 @@ def main() -> None:
                 finally:
                     ours.stop()
                     theirs.stop()
-                (OUT / "results.json").write_text(json.dumps({"runs": docs}, indent=1))
+                (OUT / "results.json").write_text(json.dumps({"runs": docs, "single_stream": single},
+                                                             indent=1))
         memory = None if args.skip_memory else memory_row(model, binary, args.threads, tmp)
-    (OUT / "results.json").write_text(json.dumps({"runs": docs, "memory": memory}, indent=1))
-    report(docs, memory)
+    (OUT / "results.json").write_text(json.dumps({"runs": docs, "single_stream": single,
+                                                  "memory": memory}, indent=1))
+    report(docs, memory, single)
     plots(docs, memory)
 
 
@@ -282,7 +309,22 @@ def memory_row(model: str, binary: str, threads: int, tmp: Path) -> dict:
     return row
 
 
-def report(docs: list[dict], memory: dict | None) -> None:
+def single_stream_rounds(theirs: Server, ours: Server) -> dict[str, list[float]]:
+    """single_stream on both servers, alternating, SINGLE_ROUNDS rounds."""
+    rates: dict[str, list[float]] = {theirs.kind: [], ours.kind: []}
+    for _ in range(SINGLE_ROUNDS):
+        for server in (theirs, ours):
+            rates[server.kind].append(single_stream(server))
+            print(f"  {server.kind:<12} single stream {rates[server.kind][-1]:6.1f} tok/s",
+                  flush=True)
+    return rates
+
+
+def report(docs: list[dict], memory: dict | None, single: dict[str, list[float]]) -> None:
+    if single:
+        theirs, ours = (statistics.median(single[k]) for k in ("llama-server", "edgelora"))
+        print(f"\nsingle stream, decode tok/s (median of {SINGLE_ROUNDS}): llama-server "
+              f"{theirs:.1f}, edgelora {ours:.1f}, {ours / theirs:.2f}x")
     print("\n| n | alpha | slots | server | sustainable rate (req/s) | its output tok/s | "
           "peak output tok/s | TTFT p99 at that rate | TTFT <= 1 s |")
     print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")

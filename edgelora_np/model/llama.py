@@ -24,6 +24,7 @@ from edgelora_np.errors import EdgeLoraError
 from edgelora_np.kernels.attention import attention
 from edgelora_np.kernels.elementwise import rmsnorm, rope_store, rope_tables, swiglu
 from edgelora_np.kernels.pack import PackedMatrix, matmul, packed_rows
+from edgelora_np.model import compute
 from edgelora_np.model.batch import Batch
 from edgelora_np.model.config import LlamaConfig
 from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
@@ -74,8 +75,12 @@ class Llama:
         """Run one batch, appending its keys/values to `cache`; logits [R, V] float32.
 
         `lora` maps the batch's adapter slots onto resident adapters (kernels.lora.LoraBatch);
-        without it, every token runs on the base model.
+        without it, every token runs on the base model. It runs on the compute thread
+        (model/compute.py), whichever thread calls it.
         """
+        return compute.run(self._forward, batch, cache, lora)
+
+    def _forward(self, batch: Batch, cache: PagedKVCache, lora) -> np.ndarray:
         cfg, w = self.cfg, self.weights
         x, step = self._embed(batch, cache)                              # [B, D]
         for li in range(len(w.layers)):
@@ -92,7 +97,11 @@ class Llama:
         of those blocks go to `cache` as in forward; the blocks after them do not run.
 
         The router embeds a prompt with it (router/embed.py): n_layers of 30 cost n_layers/30
-        of a prefill."""
+        of a prefill. Like forward, it runs on the compute thread."""
+        return compute.run(self._hidden_states, batch, cache, n_layers, lora, every_layer)
+
+    def _hidden_states(self, batch: Batch, cache: PagedKVCache, n_layers: int, lora,
+                       every_layer: bool) -> np.ndarray:
         if not 0 <= n_layers <= len(self.weights.layers):
             raise EdgeLoraError(f"n_layers must be between 0 and {len(self.weights.layers)}, "
                                 f"got {n_layers}")
