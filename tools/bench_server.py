@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_lora import write_adapters  # noqa: E402
-from benchutil import current_rss_mb, run_child, wait_healthy, warm_edgelora  # noqa: E402
+from benchutil import current_rss_mb, nothing_answers, run_child, wait_healthy, warm_edgelora  # noqa: E402
 
 CLIENTS = 16
 MAX_TOKENS = 96
@@ -134,6 +134,8 @@ def child_client(url: str) -> dict:
 def serve(model: str, store: str, threads: int, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "edgelora_np.cli", "serve", "--model", model, "--store", store,
            "--port", str(port), "--threads", str(threads), "--max-seqs", str(CLIENTS)]
+    if (busy := nothing_answers(f"http://127.0.0.1:{port}")) is not None:
+        sys.exit(f"edgelora serve: {busy} (a leftover server?)")
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     failure = wait_healthy(f"http://127.0.0.1:{port}", proc, 300)

@@ -44,6 +44,19 @@ def warm_edgelora(model: str, env: dict[str, str] | None = None) -> None:
         sys.exit(f"edgelora warmup failed:\n{done.stderr[-3000:]}")
 
 
+def nothing_answers(url: str) -> str | None:
+    """None if nothing answers at `url` yet, else why not: call before starting a server
+    there, or wait_healthy would take a leftover server's answers for the new one's while the
+    new one fails to bind."""
+    import httpx
+
+    try:
+        httpx.get(f"{url}/health", timeout=5)
+    except httpx.TransportError:
+        return None
+    return f"something already answers at {url}"
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> str | None:
     """Poll `url`/health until it answers 200; None then, else why not (`proc` exited, or
     `timeout_s` passed)."""

@@ -84,9 +84,9 @@ IDLE_S = 120.0                 # the server must be idle this soon after the cli
 ANYIO_IDLE_S = 10.0            # anyio retires a worker thread idle this long, at the next call
 RSS_DRIFT = 0.05
 THREAD_SLACK = 1               # at rest: 6 Python threads (main, engine, compute, prefetch, tqdm
-                               # monitor, one anyio worker) and native ones; before the compute
-                               # thread (model/compute.py), /proc's count varied by one between
-                               # settles
+                               # monitor, one anyio worker) and 1 or 2 native ones; py-spy lists
+                               # the same 6 whether /proc counts one more or not, which varied
+                               # between settles
 METRICS_EVERY_S = 5.0
 APIS = ("completions", "chat", "llamacpp")
 OUTCOMES = ("complete", "error", "refused", "disconnected", "cancelled", "lost", "hung")
