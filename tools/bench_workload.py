@@ -14,8 +14,9 @@ Runs (the default grid takes about 40 minutes; --full is the issue's whole grid,
 - single stream: one request alone, 128 greedy tokens on the base model, decode tok/s from its
   streamed pieces (3 alternating rounds, on the first server pair);
 - rate sweep at n = 32, alpha = 1, 16 slots: throughput vs offered rate, TTFT SLO attainment
-  (rates 0.25-1.5 req/s: on a 2-core x86 VM both servers saturate below 1 req/s with this
-  request mix; --rates changes them);
+  (rates 0.25-1.5 req/s, set for the 2-core AVX2 VM where both servers saturated near 1 req/s
+  with this request mix; on the 2-core AVX-512 VM ours keeps up with 3-4 and llama-server with
+  1.5: --rates 1.0,1.5,2.0,2.5,3.0,4.0 there);
 - saturation (the top rate, SATURATION_S of arrivals) at n = 8 and 128, and at alpha = 0.5 and 2;
 - memory with 1024 adapters (rank 8 on q and v): our server's peak RSS serving them through its
   pool, and what llama-server does with 1024 `--lora` (start time, RSS, or failure);
