@@ -22,7 +22,7 @@ from numba import njit
 from tiny_model import K_TYPES, RANDOM_TYPES, random_k_blocks
 
 from edgelora_np.errors import ContextOverflowError, UnsupportedQuantError
-from edgelora_np.kernels import actquant, attention, bits, elementwise, pack
+from edgelora_np.kernels import actquant, attention, bits, elementwise, pack, qmatmul_decoded
 from edgelora_np.kernels.qmatmul import TOKEN_CHUNK
 from edgelora_np.model.config import LlamaConfig
 from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
@@ -247,6 +247,25 @@ def test_decoded_kernels_integer_sums_at_the_extremes(qtype, batch, sign):
     expected = sign * pack.dequantize_packed(w).astype(np.float64).sum(axis=1)   # [N]
     assert np.allclose(ours, pack.matmul_ref(w, x), rtol=1e-6, atol=0)
     assert np.allclose(ours, expected[None], rtol=1e-3, atol=0)  # activation scales are fp16
+
+
+@njit
+def _iq4_levels_of_bytes(codes, lo, hi):
+    for t in range(codes.shape[0]):                     # a loop LLVM vectorizes, as the kernels'
+        q = np.int16(codes[t])
+        lo[t] = qmatmul_decoded._iq4_level(q & np.int16(15))
+        hi[t] = qmatmul_decoded._iq4_level(q >> np.int16(4))
+
+
+def test_iq4_levels_computed_equal_ggml_table():
+    """The IQ4 kernels compute each code's level by arithmetic instead of a table lookup: every
+    code byte, in a vectorized loop and one at a time, gives gguf-py's kvalues for both nibbles."""
+    kvalues = np.array(gguf.quants.IQ4_NL.kvalues, np.int16)
+    codes = np.arange(256, dtype=np.uint8)
+    lo, hi = np.empty(256, np.int16), np.empty(256, np.int16)
+    _iq4_levels_of_bytes(codes, lo, hi)
+    assert np.array_equal(lo, kvalues[codes & 15]) and np.array_equal(hi, kvalues[codes >> 4])
+    assert [qmatmul_decoded._iq4_level(np.int16(q)) for q in range(16)] == list(kvalues)
 
 
 # --- packed_rows, pack_stacked -----------------------------------------------------------------

@@ -381,13 +381,12 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
         xq, xd, bsums = quantize_activations_q8_k(x)
         qh = w.qh if w.qh is not None else _no_bytes(w.qs)
         dmin = w.m if w.m is not None else _NO_OFFSETS
-        matmul_k_decoded(K_DECODED[w.kind], w.qs, qh, w.sc, w.d, dmin, _IQ4_TABLE,
-                         xq, xd, bsums, out)
+        matmul_k_decoded(K_DECODED[w.kind], w.qs, qh, w.sc, w.d, dmin, xq, xd, bsums, out)
     elif w.kind in ("q5", "iq4nl"):
         xq, xd, xs = quantize_activations(x, w.act)
         qh = w.qh if w.qh is not None else _no_bytes(w.qs)
         m = w.m if w.m is not None else _NO_OFFSETS
-        matmul_b32_decoded(w.qs, qh, w.d, m, _IQ4_TABLE, xq, xd, xs, out)
+        matmul_b32_decoded(w.qs, qh, w.d, m, xq, xd, xs, out)
     elif w.kind in ("q4", "q8"):
         xq, xd, xs = quantize_activations(x, w.act)
         m = w.m if w.m is not None else _NO_OFFSETS
@@ -404,7 +403,6 @@ def matmul(w: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
 _NO_OFFSETS = np.zeros((1, 0, 1), np.uint16)
 _NO_HIGH_BITS = np.zeros((1, 1, 0, 1), np.uint8)
 _NO_MINS = np.zeros((1, 0, 1), np.uint8)
-_IQ4_TABLE = IQ4_NL_VALUES.astype(np.int32)   # int32: the kernels' gathers vectorize
 
 
 def _no_bytes(qs: np.ndarray) -> np.ndarray:

@@ -5,15 +5,15 @@ Q5_0, Q5_1 and IQ4_NL (32-blocks), Q2_K, Q3_K and IQ4_XS (256-blocks).
 
 Rows are tiled as in kernels/qmatmul.py (T rows interleaved, the inner loop over them). For one
 block of one tile, the kernel first turns the stored bits into the block's small signed integer
-weights, w [bs, T] int16 (shifts, masks and, for the IQ4 types, a 16-entry table lookup: ggml's
-kvalues_iq4nl), then every token of the chunk takes its exact integer dot product with them. The
-decode is paid once per block and tile and shared by the batch; weights stay at file size in
-memory and are never widened to float. With one token there is nothing to share, and Q5_0,
-Q5_1, Q2_K and Q3_K decode as they multiply instead, without storing the block (1.3-1.4x; the
-same for the IQ4 types was slower: their lookups are gathers either way). Where the products
-are small (Q5_0/Q5_1: |w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in
-int16 lanes before widening, as matmul_q4 does; the IQ4 levels reach 127, so their sums are
-int32 from the start (and their table lookups vectorize only as 32-bit gathers).
+weights, w [bs, T] int16 (shifts and masks; for the IQ4 types, ggml's 16 levels kvalues_iq4nl,
+computed from the code by a quartic in 16-bit arithmetic, not looked up: see _iq4_level), then
+every token of the chunk takes its exact integer dot product with them. The decode is paid once
+per block and tile and shared by the batch; weights stay at file size in memory and are never
+widened to float. With one token there is nothing to share, and every type here decodes as it
+multiplies instead, without storing the block. Where the products are small (Q5_0/Q5_1:
+|w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in int16 lanes before
+widening, as matmul_q4 does; the IQ4 levels reach 127, so only the two products of one code
+byte share an int16 sum at one token, and with more tokens the sums are int32 from the start.
 
 Packed layouts, G = ceil(N / T) tiles, sub-blocks of bs elements:
     q5     (Q5_0, Q5_1; bs 32)
@@ -102,15 +102,45 @@ def _dot_q5_one_token(qs_blk, qh_blk, zero, xr, o, rows, prow, irow):
 
 
 @njit(inline="always")
-def _decode_iq4(qs_blk, table, w):
-    """One IQ4 32-block of a tile -> w [32, T] int32: table[q] (int32: a vectorizable gather)."""
+def _iq4_level(q):
+    """IQ4_NL_VALUES[q] for a code q in 0..15 (int16), by arithmetic in 16-bit lanes:
+    h = ((q + 53) q - 1637) q + 25644 (15,360..25,644), then (64 q * h) >> 16, minus 127.
+    That is floor(p(q) / 1024) - 127 for a quartic p, and it hits all 16 levels exactly
+    (tests/test_kernels.py). A table lookup would be a gather, which LLVM vectorizes only where
+    the target's gathers are cheap (not AMD's; AArch64 has none); the high half of a 16-bit
+    product is one instruction on x86 (pmulhw) and two on AArch64 (smull, shrn)."""
+    h = np.int16(np.int16(np.int16(q + np.int16(53)) * q) - np.int16(1637))
+    h = np.int16(np.int16(h * q) + np.int16(25644))
+    return np.int16(np.int16((np.int32(q << np.int16(6)) * np.int32(h)) >> np.int32(16))
+                    - np.int16(127))
+
+
+@njit(inline="always")
+def _decode_iq4(qs_blk, w):
+    """One IQ4 32-block of a tile -> w [32, T] int16: the level of each code (_iq4_level)."""
     T = w.shape[1]
     for j in range(16):
         qrow = qs_blk[j]
         for t in range(T):
-            q = np.int32(qrow[t])
-            w[j, t] = table[q & 15]
-            w[j + 16, t] = table[q >> 4]
+            q = np.int16(qrow[t])
+            w[j, t] = _iq4_level(q & np.int16(15))
+            w[j + 16, t] = _iq4_level(q >> np.int16(4))
+
+
+@njit(inline="always")
+def _dot_iq4_one_token(qs_blk, xr, o, irow):
+    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over an IQ4 32-block, computing each
+    code's level (as _decode_iq4) as it multiplies instead of storing the block: the two
+    products of a code byte in int16 (|level| <= 127, |x| <= 127: at most 32,258)."""
+    T = irow.shape[0]
+    irow[:] = 0
+    for j in range(16):
+        qrow = qs_blk[j]
+        xlo, xhi = np.int16(xr[o + j]), np.int16(xr[o + j + 16])
+        for t in range(T):
+            q = np.int16(qrow[t])
+            irow[t] += np.int32(np.int16(_iq4_level(q & np.int16(15)) * xlo
+                                         + _iq4_level(q >> np.int16(4)) * xhi))
 
 
 @njit(inline="always")
@@ -189,9 +219,9 @@ def _dot_int32(w, xq, b0, nbt, o, isum):
 
 
 @njit(parallel=True, cache=True)
-def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
+def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
     """out [B, N] for a q5 or iq4nl W. q5: `m` has a zero-length block axis for Q5_0
-    (w = d * (q - 16)); iq4nl: `qh` has a zero-length byte axis and `table` holds the levels."""
+    (w = d * (q - 16)); iq4nl: `qh` has a zero-length byte axis."""
     G, nb, _, T = qs.shape
     B = xq.shape[0]
     N = out.shape[1]
@@ -203,7 +233,7 @@ def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
     psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
     w16s = np.empty((G, 32, T), np.int16)
-    w32s = np.empty((G, 32, T), np.int32)
+    wiq4s = np.empty((G, 32, T), np.int16)
     dws = np.empty((G, T), np.float32)
     mws = np.zeros((G, T), np.float32)
     for g in prange(G):
@@ -218,9 +248,11 @@ def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
                 elif is_q5:
                     _decode_q5(qs[g, ib], qh[g, ib], zero, w16s[g])
                     _dot_int16(w16s[g], xq, b0, nbt, ib * 32, rows, psum, isum)
+                elif nbt == 1:
+                    _dot_iq4_one_token(qs[g, ib], xq[b0], ib * 32, isum[0])
                 else:
-                    _decode_iq4(qs[g, ib], table, w32s[g])
-                    _dot_int32(w32s[g], xq, b0, nbt, ib * 32, isum)
+                    _decode_iq4(qs[g, ib], wiq4s[g])
+                    _dot_int32(wiq4s[g], xq, b0, nbt, ib * 32, isum)
                 for t in range(T):
                     dw[t] = f16_to_f32(d[g, ib, t])
                 if has_m:
@@ -239,7 +271,7 @@ def matmul_b32_decoded(qs, qh, d, m, table, xq, xd, xs, out):
 
 
 @njit(parallel=True, cache=True)
-def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
+def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
     """out [B, N] for a k2, k3 or iq4xs W (`kind` one of KIND_*), against q8_K activations
     xq [B, K] int8, xd [B, K/256] float32, bsums [B, K/16] int32. Fields a kind lacks are
     passed with a zero-length axis."""
@@ -254,7 +286,7 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
     itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
     imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
     w16s = np.empty((G, 16, T), np.int16)
-    w32s = np.empty((G, 32, T), np.int32)
+    wiq4s = np.empty((G, 32, T), np.int16)
     scs = np.empty((G, 2, T), np.int32)
     dws = np.zeros((G, 2, T), np.float32)
     for g in prange(G):
@@ -268,9 +300,11 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, table, xq, xd, bsums, out):
                 itot[:nbt] = 0
                 imin[:nbt] = 0
                 for ib in range(isb * per_super, (isb + 1) * per_super):
-                    if kind == KIND_IQ4XS:
-                        _decode_iq4(qs[g, ib], table, w32s[g])
-                        _dot_int32(w32s[g], xq, b0, nbt, ib * bs, isum)
+                    if kind == KIND_IQ4XS and nbt == 1:
+                        _dot_iq4_one_token(qs[g, ib], xq[b0], ib * bs, isum[0])
+                    elif kind == KIND_IQ4XS:
+                        _decode_iq4(qs[g, ib], wiq4s[g])
+                        _dot_int32(wiq4s[g], xq, b0, nbt, ib * bs, isum)
                     elif nbt == 1:
                         _dot_two_bit_one_token(qs[g, ib], qh[g, ib], kind == KIND_K3, xq[b0],
                                                ib * bs, psum[0], isum[0])
