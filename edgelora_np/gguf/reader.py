@@ -82,14 +82,14 @@ class GGUFFile:
         except KeyError:
             raise GGUFFormatError(f"{self.path}: tensor {name!r} is missing") from None
 
-    def release(self, t: TensorInfo) -> None:
-        """Tell the OS we are done with a tensor's pages (they stop counting as our memory)."""
-        if self._map is None or not hasattr(self._map, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        start = t.offset // page * page
-        end = min(-(-(t.offset + t.n_bytes) // page) * page, len(self._map))
-        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+    def release_all(self) -> None:
+        """Tell the OS we are done with every page of the file mapped so far (they stop counting
+        as our memory; a page read again faults back in from the page cache). The whole
+        mapping, not a tensor's range: reading a tensor maps more than its own pages (the
+        kernel maps cached pages around each fault, read-ahead's included), and releasing
+        tensor by tensor left ~1 MB per layer resident, 37 MB of SmolLM2's 96 MB file."""
+        if self._map is not None and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 class _Cursor:

@@ -59,7 +59,7 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
         t = _expect(gf, name, (n,))
         with _in_file(gf):
             v = dequantize(t.data, t.qtype, (n,), name=name)
-        gf.release(t)
+        gf.release_all()
         return v
 
     def matrices(shapes: dict[str, tuple[int, int]]) -> tuple[PackedMatrix, ...]:
@@ -72,8 +72,7 @@ def load_weights(gf: GGUFFile, cfg: LlamaConfig, n_threads: int) -> ModelWeights
                                         group[0].shape[1], n_threads,
                                         "+".join(t.name for t in group))
                            for group in groups)
-        for t in infos:
-            gf.release(t)
+        gf.release_all()
         return packed
 
     def matrix(name: str, rows: int, cols: int) -> PackedMatrix:
