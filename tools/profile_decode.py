@@ -67,17 +67,14 @@ def main() -> None:
         logits = llama.forward(Batch.single(ids[i:i + 128], start=i), cache)
     n = len(ids)
     tok = int(np.argmax(logits[-1]))
-    profiler = cProfile.Profile()
     t0 = time.perf_counter()
-    profiler.enable()
-    for _ in range(args.tokens):
-        logits = llama.forward(Batch.single([tok], start=n), cache)
-        tok, n = int(np.argmax(logits[-1])), n + 1
-    profiler.disable()
+    with profiled() as profile:
+        for _ in range(args.tokens):
+            logits = llama.forward(Batch.single([tok], start=n), cache)
+            tok, n = int(np.argmax(logits[-1])), n + 1
     wall = time.perf_counter() - t0
-    stats = pstats.Stats(profiler).stats
     rows = []
-    for (file, _, func), (_, _, tottime, _, _) in stats.items():
+    for (file, _, func), (_, _, tottime, _, _) in profile.stats.items():
         rows.append((tottime, f"{func} ({file.split('edgelora_np/')[-1]})"))
     rows.sort(reverse=True)
     print(f"{args.tokens} decode steps after {args.prompt_tokens} prompt tokens: "
@@ -90,6 +87,31 @@ def main() -> None:
 
 KERNEL_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                 "Q6_K", "IQ4_XS")
+
+
+class profiled:
+    """cProfile over a block, on this thread and on the compute thread (model/compute.py),
+    where every forward runs; `.stats` (pstats' dict) holds both, less this thread's waits
+    for the compute thread. One use per object."""
+
+    def __enter__(self):
+        from edgelora_np.model import compute
+
+        self._here, self._there = cProfile.Profile(), cProfile.Profile()
+        compute.run(self._there.enable)        # a profiler stays on the thread that enabled it
+        self._here.enable()
+        return self
+
+    def __exit__(self, *exc):
+        from edgelora_np.model import compute
+
+        self._here.disable()
+        compute.run(self._there.disable)
+        here = pstats.Stats(self._here)
+        for key in [k for k in here.stats if k[2] == "<method 'acquire' of '_thread.lock' objects>"]:
+            del here.stats[key]
+        self.stats = here.add(self._there).stats
+        return False
 
 
 def kernel_rates(types: str, n: int = 2816, k: int = 1024) -> None:
@@ -242,7 +264,7 @@ def workload(model: str | None, threads: int | None, rev: str | None, n_adapters
                               ignore_eos=True, max_tokens=int(mix.output_len[i]))
                 for i in range(len(mix))]
         t0 = time.perf_counter()
-        with profiler or contextlib.nullcontext():
+        with profiler if profiler is not None else contextlib.nullcontext():
             while engine.step():
                 pass
         wall = time.perf_counter() - t0
@@ -267,10 +289,10 @@ def workload(model: str | None, threads: int | None, rev: str | None, n_adapters
     if rev:
         same = outputs[rev] == outputs["today"]
         print(f"generated tokens {'identical' if same else 'DIFFER'} between {rev} and today")
-    profiler = cProfile.Profile()
+    profiler = profiled()
     _, _, wall = run(profiler)
     rows = sorted(((tottime, func) for (_, _, func), (_, _, tottime, _, _)
-                   in pstats.Stats(profiler).stats.items()), reverse=True)
+                   in profiler.stats.items()), reverse=True)
     print(f"\ncProfile over one more run (today's kernels): {wall:.2f} s\n")
     print("| function | s | share |")
     print("| --- | ---: | ---: |")
