@@ -62,7 +62,7 @@ def main() -> None:
     m = el.load_model(args.model, n_threads=args.threads, progress=False)
     llama = m.llama
     cache = llama.new_cache(args.prompt_tokens + args.tokens + 8)
-    ids = (list(range(1000, 1000 + args.prompt_tokens)))
+    ids = [(1000 + i) % m.config.vocab_size for i in range(args.prompt_tokens)]
     for i in range(0, len(ids), 128):
         logits = llama.forward(Batch.single(ids[i:i + 128], start=i), cache)
     n = len(ids)
