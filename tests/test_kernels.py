@@ -165,6 +165,23 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
 
 
+def _kernel_assembly(kernel: str) -> str:
+    """The assembly of a fresh (uncached, so readable) compile of a q4 or q8 matmul kernel."""
+    from edgelora_np.kernels import qmatmul
+
+    fresh = njit(parallel=True)(getattr(qmatmul, kernel).py_func)
+    rows, cols, batch = 32, 64, 3
+    rng = np.random.default_rng(0)
+    qtype = QT.Q4_1 if kernel == "matmul_q4" else QT.Q8_0
+    raw = rng.integers(0, 256, (rows, cols // 32 * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    w = pack.pack_gguf(raw, qtype, rows, cols, 1)
+    xq, xd, xs = actquant.quantize_activations(rng.standard_normal((batch, cols), np.float32),
+                                               w.act)
+    m = w.m if w.m is not None else np.zeros((1, 0, 1), np.uint16)
+    fresh(w.qs, w.d, m, xq, xd, xs, np.zeros((batch, rows), np.float32))
+    return "".join(fresh.inspect_asm().values())
+
+
 @pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")
 @pytest.mark.parametrize("kernel", ["matmul_q4", "matmul_q8"])
 def test_integer_products_are_taken_in_16_bit_lanes(kernel):
@@ -177,30 +194,33 @@ def test_integer_products_are_taken_in_16_bit_lanes(kernel):
 
     import llvmlite.binding as llvm
 
-    from edgelora_np.kernels import qmatmul
-
     machine = platform.machine()
     if machine == "x86_64" and not llvm.get_host_cpu_features().flatten().count("+avx2"):
         pytest.skip("x86 without AVX2: no 16-bit lanes to check for")
     if machine not in ("x86_64", "aarch64"):
         pytest.skip(f"no expectation written down for {machine}")
-    fresh = njit(parallel=True)(getattr(qmatmul, kernel).py_func)    # uncached: asm readable
-    rows, cols, batch = 32, 64, 3
-    rng = np.random.default_rng(0)
-    qtype = QT.Q4_1 if kernel == "matmul_q4" else QT.Q8_0
-    raw = rng.integers(0, 256, (rows, cols // 32 * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
-    w = pack.pack_gguf(raw, qtype, rows, cols, 1)
-    xq, xd, xs = actquant.quantize_activations(rng.standard_normal((batch, cols), np.float32),
-                                               w.act)
-    m = w.m if w.m is not None else np.zeros((1, 0, 1), np.uint16)
-    fresh(w.qs, w.d, m, xq, xd, xs, np.zeros((batch, rows), np.float32))
-    asm = "".join(fresh.inspect_asm().values())
+    asm = _kernel_assembly(kernel)
     if machine == "aarch64":
         found = sorted(set(re.findall(r"\b([su]?ml[as]l?2?|[su]?mull2?|mul)\s+v\d+\.(\w+)", asm)))
         assert any(lanes == "8h" for _, lanes in found), f"vector multiplies: {found}"
     else:
         found = sorted(set(re.findall(r"\b(vpmul\w+|vpmadd\w+)\b", asm)))
         assert "vpmullw" in found, f"vector multiplies: {found}"
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")
+@pytest.mark.parametrize("kernel", ["matmul_q4", "matmul_q8"])
+def test_next_block_is_prefetched(kernel):
+    """kernels/prefetch.py's `llvm.prefetch` reaches the machine code on both targets
+    (x86-64 `prefetcht0`, AArch64 `prfm`): nothing else tells when it silently does not, the
+    results being the same either way."""
+    import platform
+
+    machine = platform.machine()
+    if machine not in ("x86_64", "aarch64"):
+        pytest.skip(f"no expectation written down for {machine}")
+    instruction = "prfm" if machine == "aarch64" else "prefetcht0"
+    assert instruction in _kernel_assembly(kernel)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

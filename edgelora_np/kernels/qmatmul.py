@@ -46,6 +46,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import bf16_to_f32, f16_to_f32, scale_f32
+from edgelora_np.kernels.prefetch import prefetch
 
 # Tokens processed together against one tile: bounds the [BT, T] accumulators to L1/L2.
 TOKEN_CHUNK = 16
@@ -59,9 +60,10 @@ Q4_ROWS_IN_INT16 = 8
 
 
 @njit(inline="always")
-def _q4_block_sums(qb, xq, b0, nbt, o, nibbles, psum, isum):
+def _q4_block_sums(qb, ahead, xq, b0, nbt, o, nibbles, psum, isum):
     """isum[bb] = the exact integer dot products of one 32-block of q4 codes with the
-    activations xq[b0 + bb, o:o + 32], for bb < nbt.
+    activations xq[b0 + bb, o:o + 32], for bb < nbt. `ahead` (shaped as qb) is the block the
+    caller works on next: its rows are prefetched as qb's are consumed.
 
     qb [16, T] uint8: byte j of row t holds element j (low nibble) and j + 16 (high nibble).
     8 code rows are summed in int16 (Q4_ROWS_IN_INT16), then widened. With more than one token
@@ -82,6 +84,7 @@ def _q4_block_sums(qb, xq, b0, nbt, o, nibbles, psum, isum):
             row = psum[0]
             for j in range(j0, j0 + Q4_ROWS_IN_INT16):
                 qrow = qb[j]
+                prefetch(ahead[j])
                 xlo, xhi = np.int16(xr[j]), np.int16(xr[half + j])
                 for t in range(T):
                     q = np.int16(qrow[t])
@@ -89,6 +92,7 @@ def _q4_block_sums(qb, xq, b0, nbt, o, nibbles, psum, isum):
         else:
             for j in range(j0, j0 + Q4_ROWS_IN_INT16, 4):
                 q0, q1, q2, q3 = qb[j], qb[j + 1], qb[j + 2], qb[j + 3]
+                prefetch(ahead[j:j + 4])
                 for t in range(T):
                     lo0[t], hi0[t] = np.int16(q0[t] & 15), np.int16(q0[t] >> 4)
                     lo1[t], hi1[t] = np.int16(q1[t] & 15), np.int16(q1[t] >> 4)
@@ -140,7 +144,12 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
             for ib in range(nb):
-                _q4_block_sums(qs[g, ib], xq, b0, nbt, ib * 32, nibbles[g], psums[g], isum)
+                ahead = min(ib + 1, nb - 1)       # the next block's bytes, while this one works
+                prefetch(d[g, ahead])
+                if has_m:
+                    prefetch(m[g, ahead])
+                _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, ib * 32, nibbles[g],
+                               psums[g], isum)
                 for t in range(T):
                     dw[t] = scale_f32(d[g, ib, t])
                 if has_m:
@@ -194,10 +203,16 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
             for ib in range(nb):
+                ahead = min(ib + 1, nb - 1)       # the next block's bytes, a row pair at a time
+                prefetch(d[g, ahead])
+                if has_m:
+                    prefetch(m[g, ahead])
                 isum[:nbt] = 0
                 for j in range(0, bs, Q8_ROWS_IN_INT16):
                     q0 = qs[g, ib, j]                                    # [T] int8
                     q1 = qs[g, ib, j + 1]
+                    prefetch(qs[g, ahead, j])
+                    prefetch(qs[g, ahead, j + 1])
                     for bb in range(nbt):
                         x0 = np.int16(xq[b0 + bb, ib * bs + j])
                         x1 = np.int16(xq[b0 + bb, ib * bs + j + 1])
@@ -270,8 +285,17 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                 imin[:nbt] = 0
                 for ib in range(isb * per_super, (isb + 1) * per_super):
                     o = ib * bs
+                    ahead = min(ib + 1, nb - 1)   # the next sub-block's bytes, as this one's go
+                    prefetch(sc[g, ahead])
+                    if bits != 6:
+                        prefetch(mn[g, ahead])
+                    if ib % per_super == 0:
+                        prefetch(d[g, ahead // per_super])
+                        if bits != 6:
+                            prefetch(dmin[g, ahead // per_super])
                     if bits == 4:
-                        _q4_block_sums(qs[g, ib], xq, b0, nbt, o, nibbles[g], psums[g, 0], isum)
+                        _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, o, nibbles[g],
+                                       psums[g, 0], isum)
                     elif bits == 5:
                         isum[:nbt] = 0
                         # High-bit byte r holds elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1).
@@ -279,6 +303,8 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                             h_row = qh[g, ib, r]
                             q0, q1 = qs[g, ib, 4 * r], qs[g, ib, 4 * r + 1]
                             q2, q3 = qs[g, ib, 4 * r + 2], qs[g, ib, 4 * r + 3]
+                            prefetch(qh[g, ahead, r])
+                            prefetch(qs[g, ahead, 4 * r:4 * r + 4])
                             for bb in range(nbt):
                                 x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
                                     xq[b0 + bb], o + 4 * r, half)
@@ -305,6 +331,8 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                             h_row, h_row1 = qh[g, ib, r], qh[g, ib, r + 1]
                             q0, q1 = qs[g, ib, 2 * r], qs[g, ib, 2 * r + 1]
                             q2, q3 = qs[g, ib, 2 * r + 2], qs[g, ib, 2 * r + 3]
+                            prefetch(qh[g, ahead, r:r + 2])
+                            prefetch(qs[g, ahead, 2 * r:2 * r + 4])
                             for bb in range(nbt):
                                 x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
                                     xq[b0 + bb], o + 2 * r, half)

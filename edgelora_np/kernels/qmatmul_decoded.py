@@ -44,6 +44,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import f16_to_f32
+from edgelora_np.kernels.prefetch import prefetch
 
 TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT, T] sums)
 
@@ -63,11 +64,13 @@ TO_BITS_67 = np.array([1 << (6 - 2 * i) for i in range(4)], np.int16)
 
 
 @njit(inline="always")
-def _decode_q5(qs_blk, qh_blk, zero, w):
-    """One q5 32-block of a tile -> w [32, T] int16: q | fifth bit << 4, minus `zero`."""
+def _decode_q5(qs_blk, ahead, qh_blk, zero, w):
+    """One q5 32-block of a tile -> w [32, T] int16: q | fifth bit << 4, minus `zero`. `ahead`
+    (shaped as qs_blk) is the block the caller works on next: its rows are prefetched."""
     T = w.shape[1]
     for j in range(16):
         qrow = qs_blk[j]
+        prefetch(ahead[j])
         hlo, hhi = qh_blk[j >> 3], qh_blk[(j + 16) >> 3]     # fifth bits of elements j, j + 16
         p = TO_BIT_7[j & 7]                                   # both at bit j % 8
         for t in range(T):
@@ -79,7 +82,7 @@ def _decode_q5(qs_blk, qh_blk, zero, w):
 
 
 @njit(inline="always")
-def _dot_q5_one_token(qs_blk, qh_blk, zero, xr, o, rows, prow, irow):
+def _dot_q5_one_token(qs_blk, ahead, qh_blk, zero, xr, o, rows, prow, irow):
     """irow[t] = sum_j w[j, t] * xr[o + j] for one token, decoding the q5 block as it goes (as
     _decode_q5) instead of storing it first: `rows` products at a time in int16 (prow)."""
     T = prow.shape[0]
@@ -88,6 +91,7 @@ def _dot_q5_one_token(qs_blk, qh_blk, zero, xr, o, rows, prow, irow):
         prow[:] = 0
         for j in range(j0, j0 + rows // 2):
             qrow = qs_blk[j]
+            prefetch(ahead[j])
             hlo, hhi = qh_blk[j >> 3], qh_blk[(j + 16) >> 3]
             p = TO_BIT_7[j & 7]
             xlo, xhi = np.int16(xr[o + j]), np.int16(xr[o + j + 16])
@@ -116,11 +120,13 @@ def _iq4_level(q):
 
 
 @njit(inline="always")
-def _decode_iq4(qs_blk, w):
-    """One IQ4 32-block of a tile -> w [32, T] int16: the level of each code (_iq4_level)."""
+def _decode_iq4(qs_blk, ahead, w):
+    """One IQ4 32-block of a tile -> w [32, T] int16: the level of each code (_iq4_level);
+    `ahead`'s rows prefetched as in _decode_q5."""
     T = w.shape[1]
     for j in range(16):
         qrow = qs_blk[j]
+        prefetch(ahead[j])
         for t in range(T):
             q = np.int16(qrow[t])
             w[j, t] = _iq4_level(q & np.int16(15))
@@ -128,7 +134,7 @@ def _decode_iq4(qs_blk, w):
 
 
 @njit(inline="always")
-def _dot_iq4_one_token(qs_blk, xr, o, irow):
+def _dot_iq4_one_token(qs_blk, ahead, xr, o, irow):
     """irow[t] = sum_j w[j, t] * xr[o + j] for one token over an IQ4 32-block, computing each
     code's level (as _decode_iq4) as it multiplies instead of storing the block: the two
     products of a code byte in int16 (|level| <= 127, |x| <= 127: at most 32,258)."""
@@ -136,6 +142,7 @@ def _dot_iq4_one_token(qs_blk, xr, o, irow):
     irow[:] = 0
     for j in range(16):
         qrow = qs_blk[j]
+        prefetch(ahead[j])
         xlo, xhi = np.int16(xr[o + j]), np.int16(xr[o + j + 16])
         for t in range(T):
             q = np.int16(qrow[t])
@@ -242,16 +249,21 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
             for ib in range(nb):
+                ahead = min(ib + 1, nb - 1)       # the next block's bytes, as this one's go
+                prefetch(qh[g, ahead])
+                prefetch(d[g, ahead])
+                if has_m:
+                    prefetch(m[g, ahead])
                 if is_q5 and nbt == 1:
-                    _dot_q5_one_token(qs[g, ib], qh[g, ib], zero, xq[b0], ib * 32, rows,
-                                      psum[0], isum[0])
+                    _dot_q5_one_token(qs[g, ib], qs[g, ahead], qh[g, ib], zero, xq[b0], ib * 32,
+                                      rows, psum[0], isum[0])
                 elif is_q5:
-                    _decode_q5(qs[g, ib], qh[g, ib], zero, w16s[g])
+                    _decode_q5(qs[g, ib], qs[g, ahead], qh[g, ib], zero, w16s[g])
                     _dot_int16(w16s[g], xq, b0, nbt, ib * 32, rows, psum, isum)
                 elif nbt == 1:
-                    _dot_iq4_one_token(qs[g, ib], xq[b0], ib * 32, isum[0])
+                    _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0])
                 else:
-                    _decode_iq4(qs[g, ib], wiq4s[g])
+                    _decode_iq4(qs[g, ib], qs[g, ahead], wiq4s[g])
                     _dot_int32(wiq4s[g], xq, b0, nbt, ib * 32, isum)
                 for t in range(T):
                     dw[t] = f16_to_f32(d[g, ib, t])
@@ -300,10 +312,20 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                 itot[:nbt] = 0
                 imin[:nbt] = 0
                 for ib in range(isb * per_super, (isb + 1) * per_super):
+                    ahead = min(ib + 1, nsub - 1)     # the next sub-block's bytes
+                    prefetch(sc[g, ahead])
+                    if ib % per_super == 0:
+                        prefetch(d[g, ahead // per_super])
+                        if kind == KIND_K2:
+                            prefetch(dmin[g, ahead // per_super])
+                    if kind != KIND_IQ4XS:            # 4 rows of codes (2 KB at most): at once
+                        prefetch(qs[g, ahead])
+                        if kind == KIND_K3:
+                            prefetch(qh[g, ahead])
                     if kind == KIND_IQ4XS and nbt == 1:
-                        _dot_iq4_one_token(qs[g, ib], xq[b0], ib * bs, isum[0])
+                        _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs, isum[0])
                     elif kind == KIND_IQ4XS:
-                        _decode_iq4(qs[g, ib], wiq4s[g])
+                        _decode_iq4(qs[g, ib], qs[g, ahead], wiq4s[g])
                         _dot_int32(wiq4s[g], xq, b0, nbt, ib * bs, isum)
                     elif nbt == 1:
                         _dot_two_bit_one_token(qs[g, ib], qh[g, ib], kind == KIND_K3, xq[b0],
