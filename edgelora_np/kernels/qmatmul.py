@@ -289,10 +289,10 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                     prefetch(sc[g, ahead])
                     if bits != 6:
                         prefetch(mn[g, ahead])
-                    if ib % per_super == 0:
-                        prefetch(d[g, ahead // per_super])
+                    if ib % per_super == 0:           # and the next super-block's scales
+                        prefetch(d[g, min(isb + 1, nb // per_super - 1)])
                         if bits != 6:
-                            prefetch(dmin[g, ahead // per_super])
+                            prefetch(dmin[g, min(isb + 1, nb // per_super - 1)])
                     if bits == 4:
                         _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, o, nibbles[g],
                                        psums[g, 0], isum)

@@ -314,10 +314,10 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                 for ib in range(isb * per_super, (isb + 1) * per_super):
                     ahead = min(ib + 1, nsub - 1)     # the next sub-block's bytes
                     prefetch(sc[g, ahead])
-                    if ib % per_super == 0:
-                        prefetch(d[g, ahead // per_super])
+                    if ib % per_super == 0:           # and the next super-block's scales
+                        prefetch(d[g, min(isb + 1, nsub // per_super - 1)])
                         if kind == KIND_K2:
-                            prefetch(dmin[g, ahead // per_super])
+                            prefetch(dmin[g, min(isb + 1, nsub // per_super - 1)])
                     if kind != KIND_IQ4XS:            # 4 rows of codes (2 KB at most): at once
                         prefetch(qs[g, ahead])
                         if kind == KIND_K3:
