@@ -111,8 +111,9 @@ def _iq4_level(q):
     h = ((q + 53) q - 1637) q + 25644 (15,360..25,644), then (64 q * h) >> 16, minus 127.
     That is floor(p(q) / 1024) - 127 for a quartic p, and it hits all 16 levels exactly
     (tests/test_kernels.py). A table lookup would be a gather, which LLVM vectorizes only where
-    the target's gathers are cheap (not AMD's; AArch64 has none); the high half of a 16-bit
-    product is one instruction on x86 (pmulhw) and two on AArch64 (smull, shrn)."""
+    the target's gathers are cheap (not AMD's; AArch64 has none). This vectorizes anywhere: on
+    the Zen 5 VM LLVM makes about 16 instructions per 32 codes of it, in 32-bit lanes (it folds
+    64 q * h >> 16 into q * h >> 10 and picks `vpdpwssd` for the first step)."""
     h = np.int16(np.int16(np.int16(q + np.int16(53)) * q) - np.int16(1637))
     h = np.int16(np.int16(h * q) + np.int16(25644))
     return np.int16(np.int16((np.int32(q << np.int16(6)) * np.int32(h)) >> np.int32(16))
