@@ -264,7 +264,7 @@ def workload(model: str | None, threads: int | None, rev: str | None, n_adapters
                               ignore_eos=True, max_tokens=int(mix.output_len[i]))
                 for i in range(len(mix))]
         t0 = time.perf_counter()
-        with profiler if profiler is not None else contextlib.nullcontext():
+        with profiler or contextlib.nullcontext():
             while engine.step():
                 pass
         wall = time.perf_counter() - t0

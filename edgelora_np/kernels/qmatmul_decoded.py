@@ -240,8 +240,7 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
     accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
     psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
-    w16s = np.empty((G, 32, T), np.int16)
-    wiq4s = np.empty((G, 32, T), np.int16)
+    w16s = np.empty((G, 32, T), np.int16)      # the decoded block, q5 or iq4nl
     dws = np.empty((G, T), np.float32)
     mws = np.zeros((G, T), np.float32)
     for g in prange(G):
@@ -264,8 +263,8 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
                 elif nbt == 1:
                     _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0])
                 else:
-                    _decode_iq4(qs[g, ib], qs[g, ahead], wiq4s[g])
-                    _dot_int32(wiq4s[g], xq, b0, nbt, ib * 32, isum)
+                    _decode_iq4(qs[g, ib], qs[g, ahead], w16s[g])
+                    _dot_int32(w16s[g], xq, b0, nbt, ib * 32, isum)
                 for t in range(T):
                     dw[t] = f16_to_f32(d[g, ib, t])
                 if has_m:
