@@ -221,6 +221,11 @@ def main() -> None:
     ap.add_argument("--rates", type=lambda s: tuple(float(r) for r in s.split(",")),
                     default=RATES, help="comma-separated offered rates of the sweep (req/s)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--slots", type=int, default=SLOTS,
+                    help=f"parallel sequences of both servers (default {SLOTS}; --full runs 16 and 32)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the rate sweep at n = 32, alpha = 1: no saturation, router or "
+                         "memory runs, and each server stops at the first rate it cannot keep up with")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw the plots from artifacts/bench_workload/results.json")
     args = ap.parse_args()
@@ -238,9 +243,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     docs: list[dict] = []
     single: dict[str, list[float]] = {}
-    ns = (8, 32, 128, 1024) if args.full else (8, 32, 128)
+    ns = (8, 32, 128, 1024) if args.full else (32,) if args.sweep_only else (8, 32, 128)
     alphas = (0.5, 1.0, 2.0)
-    slot_counts = (16, 32) if args.full else (SLOTS,)
+    slot_counts = (16, 32) if args.full else (args.slots,)
+    overloaded: set[str] = set()      # --sweep-only: servers past the first rate they lost
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         loras = write_adapters(tmp / "loras", max(ns))
@@ -259,16 +265,21 @@ def main() -> None:
                     if not single:
                         single = single_stream_rounds(theirs, ours)
                     top = args.rates[-1]
-                    for alpha in (alphas if args.full or n == 32 else (1.0,)):
+                    sweep_alphas = alphas if args.full or (n == 32 and not args.sweep_only) else (1.0,)
+                    for alpha in sweep_alphas:
                         full_sweep = args.full or (n == 32 and alpha == 1.0)
                         for rate in (args.rates if full_sweep else (top,)):
                             duration = args.duration if full_sweep else SATURATION_S
                             for server in (theirs, ours):        # alternating, same seed
+                                if server.kind in overloaded:
+                                    continue
                                 doc = run(server, rate=rate, n=n, alpha=alpha,
                                           duration=duration)
                                 doc["slots"] = slots
                                 docs.append(doc)
-                    if n == 32 and slots == SLOTS:
+                                if args.sweep_only and not doc["keeps_up"]:
+                                    overloaded.add(server.kind)
+                    if n == 32 and slots == SLOTS and not args.sweep_only:
                         for rate in (args.rates[1], top):
                             doc = run(ours, rate=rate, n=n, alpha=1.0, auto=0.5,
                                       duration=args.duration)
@@ -279,7 +290,8 @@ def main() -> None:
                     theirs.stop()
                 (OUT / "results.json").write_text(json.dumps({"runs": docs, "single_stream": single},
                                                              indent=1))
-        memory = None if args.skip_memory else memory_row(model, binary, args.threads, tmp)
+        skip_memory = args.skip_memory or args.sweep_only
+        memory = None if skip_memory else memory_row(model, binary, args.threads, tmp)
     (OUT / "results.json").write_text(json.dumps({"runs": docs, "single_stream": single,
                                                   "memory": memory}, indent=1))
     report(docs, memory, single)
