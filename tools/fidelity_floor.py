@@ -60,14 +60,14 @@ def perturbed_runs(model: str, prompts: dict[str, np.ndarray]):
     import edgelora_np.model.llama as forward
 
     m = el.load_model(model, progress=False)
-    run = lambda: {n: m.logits(t) for n, t in prompts.items()}          # noqa: E731
     rng = np.random.default_rng(0)
+
+    def run() -> dict[str, np.ndarray]:
+        return {n: m.logits(t) for n, t in prompts.items()}
 
     def nudge(a: np.ndarray) -> None:
         a *= (1 + np.float32(2.0 ** -23) * rng.choice([-1, 0, 0, 0, 1], size=a.shape)).astype(np.float32)
 
-    base = run()
-    yield "none (baseline)", base
     def nudged(f, result):
         def wrapper(*args):
             y = f(*args)
@@ -79,6 +79,7 @@ def perturbed_runs(model: str, prompts: dict[str, np.ndarray]):
     stages = [("matmul outputs", "matmul", lambda args, y: y),
               ("attention output", "attention", lambda args, y: args[-1]),
               ("SwiGLU output", "swiglu", lambda args, y: args[-1])]
+    yield "none (baseline)", run()
     for label, attr, result in stages:
         original = getattr(forward, attr)
         setattr(forward, attr, nudged(original, result))
