@@ -85,10 +85,14 @@ def _q4_block_sums(qb, ahead, xq, b0, nbt, o, nibbles, psum, isum):
             for j in range(j0, j0 + Q4_ROWS_IN_INT16):
                 qrow = qb[j]
                 prefetch(ahead[j])
-                xlo, xhi = np.int16(xr[j]), np.int16(xr[half + j])
+                # q x_lo + (q >> 4)(x_hi - 16 x_lo) = (q & 15) x_lo + (q >> 4) x_hi, one AND fewer
+                # per byte. Its terms may wrap around in int16, but int16 arithmetic is exact
+                # modulo 2**16 and the true row sum stays within Q4_ROWS_IN_INT16's bound.
+                xlo = np.int16(xr[j])
+                xadj = np.int16(np.int16(xr[half + j]) - np.int16(16) * xlo)
                 for t in range(T):
                     q = np.int16(qrow[t])
-                    row[t] = np.int16(row[t] + (q & 15) * xlo + (q >> 4) * xhi)
+                    row[t] = np.int16(row[t] + q * xlo + (q >> 4) * xadj)
         else:
             for j in range(j0, j0 + Q4_ROWS_IN_INT16, 4):
                 q0, q1, q2, q3 = qb[j], qb[j + 1], qb[j + 2], qb[j + 3]
