@@ -21,6 +21,8 @@ Runs (the default grid takes about 40 minutes; --full is the issue's whole grid,
 - memory with 1024 adapters (rank 8 on q and v): our server's peak RSS serving them through its
   pool, and what llama-server does with 1024 `--lora` (start time, RSS, or failure);
 - the router: a share of the requests say model "auto" (ours only; llama-server has none).
+--sweep-only keeps only the rate sweep (n = 32, alpha = 1), each server stopped after the first
+rate it cannot keep up with; --slots sets both servers' parallel sequences (default 16).
 
 "Sustainable" is the largest offered rate the server keeps up with (every request done within
 the run's duration + 30 s); its throughput is the figure compared. Results: artifacts/bench_workload/
