@@ -177,6 +177,9 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
 # q8 code rows whose products are summed in int16 before widening: a code is at most 128 in
 # magnitude and an activation 127 (kernels/actquant.py), so a pair adds at most 32512 < 2**15.
 Q8_ROWS_IN_INT16 = 2
+# Code rows per pass of matmul_q8's token loop: four pairs, their int16 sums widened and added
+# to the int32 row in one go (one load and store of it per eight rows, not per two).
+Q8_ROWS_PER_PASS = 8
 
 
 @njit(parallel=True, cache=True)
@@ -186,7 +189,9 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
     Code rows are multiplied in pairs in int16 and each pair's sum is stored to an int16 row
     before it is widened and added up in int32: exact (see Q8_ROWS_IN_INT16), and the store
     is what lets LLVM keep the products in 16-bit lanes (vpmullw; NEON smull/smlal .8h from
-    int8), twice as many per vector as int32's.
+    int8), twice as many per vector as int32's. Four pairs at a time (Q8_ROWS_PER_PASS) are
+    widened and added to the int32 row together: against one pair per pass, 1.26x at one token
+    and 1.50x at 16 and 64 (docs/benchmarks.md).
     """
     G, nb, bs, T = qs.shape
     B = xq.shape[0]
@@ -194,13 +199,13 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
     has_m = m.shape[1] > 0
     accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
     isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    pairs = np.empty((G, T), np.int16)
+    pairs = np.empty((G, 4, T), np.int16)
     dws = np.empty((G, T), np.float32)
     mws = np.zeros((G, T), np.float32)
     for g in prange(G):
         acc = accs[g]
         isum = isums[g]
-        pair = pairs[g]
+        pair, pair2, pair3, pair4 = pairs[g, 0], pairs[g, 1], pairs[g, 2], pairs[g, 3]
         dw = dws[g]
         mw = mws[g]
         for b0 in range(0, B, TOKEN_CHUNK):
@@ -212,19 +217,32 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
                 if has_m:
                     prefetch(m[g, ahead])
                 isum[:nbt] = 0
-                for j in range(0, bs, Q8_ROWS_IN_INT16):
-                    q0 = qs[g, ib, j]                                    # [T] int8
-                    q1 = qs[g, ib, j + 1]
-                    prefetch(qs[g, ahead, j])
-                    prefetch(qs[g, ahead, j + 1])
+                for j in range(0, bs, Q8_ROWS_PER_PASS):
+                    q0, q1 = qs[g, ib, j], qs[g, ib, j + 1]              # [T] int8
+                    q2, q3 = qs[g, ib, j + 2], qs[g, ib, j + 3]
+                    q4, q5 = qs[g, ib, j + 4], qs[g, ib, j + 5]
+                    q6, q7 = qs[g, ib, j + 6], qs[g, ib, j + 7]
+                    # The next block's same eight rows, half now and half after the first
+                    # token's products: all eight at once was slower on the 30 MB output
+                    # projection at one token (docs/benchmarks.md).
+                    prefetch(qs[g, ahead, j:j + 4])
                     for bb in range(nbt):
-                        x0 = np.int16(xq[b0 + bb, ib * bs + j])
-                        x1 = np.int16(xq[b0 + bb, ib * bs + j + 1])
+                        xr = xq[b0 + bb, ib * bs + j:]
+                        x0, x1 = np.int16(xr[0]), np.int16(xr[1])
+                        x2, x3 = np.int16(xr[2]), np.int16(xr[3])
+                        x4, x5 = np.int16(xr[4]), np.int16(xr[5])
+                        x6, x7 = np.int16(xr[6]), np.int16(xr[7])
                         for t in range(T):
                             pair[t] = np.int16(np.int16(q0[t]) * x0 + np.int16(q1[t]) * x1)
+                            pair2[t] = np.int16(np.int16(q2[t]) * x2 + np.int16(q3[t]) * x3)
+                            pair3[t] = np.int16(np.int16(q4[t]) * x4 + np.int16(q5[t]) * x5)
+                            pair4[t] = np.int16(np.int16(q6[t]) * x6 + np.int16(q7[t]) * x7)
+                        if bb == 0:
+                            prefetch(qs[g, ahead, j + 4:j + 8])
                         row = isum[bb]
                         for t in range(T):
-                            row[t] += np.int32(pair[t])
+                            row[t] += (np.int32(pair[t]) + np.int32(pair2[t])
+                                       + np.int32(pair3[t]) + np.int32(pair4[t]))
                 for t in range(T):
                     dw[t] = scale_f32(d[g, ib, t])
                 if has_m:
