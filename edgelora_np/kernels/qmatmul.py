@@ -302,19 +302,20 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
         for b0 in range(0, B, TOKEN_CHUNK):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
-            for isb in range(nb // per_super):
+            n_super = nb // per_super
+            for isb in range(n_super):
                 itot[:nbt] = 0
                 imin[:nbt] = 0
+                next_super = min(isb + 1, n_super - 1)     # its scales, while this one works
+                prefetch(d[g, next_super])
+                if bits != 6:
+                    prefetch(dmin[g, next_super])
                 for ib in range(isb * per_super, (isb + 1) * per_super):
                     o = ib * bs
                     ahead = min(ib + 1, nb - 1)   # the next sub-block's bytes, as this one's go
                     prefetch(sc[g, ahead])
                     if bits != 6:
                         prefetch(mn[g, ahead])
-                    if ib % per_super == 0:           # and the next super-block's scales
-                        prefetch(d[g, min(isb + 1, nb // per_super - 1)])
-                        if bits != 6:
-                            prefetch(dmin[g, min(isb + 1, nb // per_super - 1)])
                     if bits == 4:
                         _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, o, nibbles[g],
                                        psums[g, 0], isum)

@@ -308,16 +308,17 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
         for b0 in range(0, B, TOKEN_CHUNK):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
-            for isb in range(nsub // per_super):
+            n_super = nsub // per_super
+            for isb in range(n_super):
                 itot[:nbt] = 0
                 imin[:nbt] = 0
+                next_super = min(isb + 1, n_super - 1)     # its scales, while this one works
+                prefetch(d[g, next_super])
+                if kind == KIND_K2:
+                    prefetch(dmin[g, next_super])
                 for ib in range(isb * per_super, (isb + 1) * per_super):
                     ahead = min(ib + 1, nsub - 1)     # the next sub-block's bytes
                     prefetch(sc[g, ahead])
-                    if ib % per_super == 0:           # and the next super-block's scales
-                        prefetch(d[g, min(isb + 1, nsub // per_super - 1)])
-                        if kind == KIND_K2:
-                            prefetch(dmin[g, min(isb + 1, nsub // per_super - 1)])
                     if kind != KIND_IQ4XS:            # 4 rows of codes (2 KB at most): at once
                         prefetch(qs[g, ahead])
                         if kind == KIND_K3:
