@@ -178,7 +178,8 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
 # magnitude and an activation 127 (kernels/actquant.py), so a pair adds at most 32512 < 2**15.
 Q8_ROWS_IN_INT16 = 2
 # Code rows per pass of matmul_q8's token loop: four pairs, their int16 sums widened and added
-# to the int32 row in one go (one load and store of it per eight rows, not per two).
+# to the int32 row in one go (one load and store of it per eight rows, not per two). The loop
+# body is written out for exactly eight rows; a block's 32 rows are four passes.
 Q8_ROWS_PER_PASS = 8
 
 
