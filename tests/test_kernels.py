@@ -24,6 +24,7 @@ from tiny_model import K_TYPES, RANDOM_TYPES, random_k_blocks
 from edgelora_np.errors import ContextOverflowError, UnsupportedQuantError
 from edgelora_np.kernels import actquant, attention, bits, elementwise, pack, qmatmul_decoded
 from edgelora_np.kernels.qmatmul import TOKEN_CHUNK
+from edgelora_np.kernels.scratch import empty_lines
 from edgelora_np.model.config import LlamaConfig
 from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
 
@@ -221,6 +222,29 @@ def test_next_block_is_prefetched(kernel):
         pytest.skip(f"no expectation written down for {machine}")
     instruction = "prfm" if machine == "aarch64" else "prefetcht0"
     assert instruction in _kernel_assembly(kernel)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.float32])
+def test_scratch_starts_on_a_cache_line(dtype):
+    """kernels/scratch.py's empty_lines, compiled and as plain Python: every array starts on a
+    64-byte boundary, has the asked shape and dtype, is C-contiguous and writable to its end,
+    over sizes that leave the allocator's own alignment anywhere within a line."""
+    @njit
+    def addresses(n_max):
+        found = np.empty((n_max, 2), np.int64)
+        for n in range(1, n_max + 1):
+            a = empty_lines((n, 3), dtype)
+            a[...] = 1
+            b = empty_lines((n,), dtype)
+            b[...] = 2
+            found[n - 1, 0] = a.ctypes.data
+            found[n - 1, 1] = b.ctypes.data
+        return found
+
+    for fn in (addresses, getattr(addresses, "py_func", addresses)):     # (no py_func without the JIT)
+        assert (fn(100) % 64 == 0).all()
+    a = empty_lines((5, 7), dtype)
+    assert a.shape == (5, 7) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import bits_to_f32, f16_to_f32, round_to_f16
+from edgelora_np.kernels.scratch import empty_lines
 
 
 # Not inline="always": Numba would inline it into the kernel's IR under the kernel's flags, and
@@ -58,12 +59,12 @@ def attention(q, k_cache, v_cache, block_table, token_rows, positions, scale, ou
         n_ctx = positions[b] + 1
         n_pages = (n_ctx + PS - 1) // PS
         pages = block_table[token_rows[b]]
-        qh = np.empty((group, HD), np.float32)
+        qh = empty_lines((group, HD), np.float32)
         for g in range(group):
             for i in range(HD):
                 qh[g, i] = round_to_f16(q[b, kvh * group + g, i])
-        scores = np.empty((group, n_ctx), np.float32)
-        page = np.empty((PS, HD), np.float32)
+        scores = empty_lines((group, n_ctx), np.float32)
+        page = empty_lines((PS, HD), np.float32)
         for pg in range(n_pages):
             src = k_cache[pages[pg], kvh]
             first, n = pg * PS, min(PS, n_ctx - pg * PS)
@@ -88,7 +89,8 @@ def attention(q, k_cache, v_cache, block_table, token_rows, positions, scale, ou
             inv = np.float32(1.0 / total)
             for p in range(n_ctx):
                 scores[g, p] = round_to_f16(scores[g, p] * inv)
-        acc = np.zeros((group, HD), np.float32)
+        acc = empty_lines((group, HD), np.float32)
+        acc[...] = 0.0
         for pg in range(n_pages):
             src = v_cache[pages[pg], kvh]
             first, n = pg * PS, min(PS, n_ctx - pg * PS)

@@ -36,6 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import f16_to_f32, round_to_f16
+from edgelora_np.kernels.scratch import empty_lines
 
 SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
 
@@ -95,8 +96,8 @@ def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s
         s = token_slot[i]
         if s < 0 or a_base[s] < 0 or _n_rows(ranks, s) == 0:
             continue
-        xr = np.empty(K, np.float32)
-        a32 = np.empty(K, np.float32)
+        xr = empty_lines((K,), np.float32)
+        a32 = empty_lines((K,), np.float32)
         _round_row(x[i], xr)
         row = 0
         b_at = b_base[s]
@@ -136,12 +137,12 @@ def lora_sgmv(x, y, seg_begin, seg_end, seg_slot, token_scale, arena16, arena32,
             continue
         t0 = seg_begin[g] + (item - n_chunks[g]) * SEGMENT_CHUNK
         t1 = min(t0 + SEGMENT_CHUNK, seg_end[g])
-        xr = np.empty((t1 - t0, K), np.float32)
+        xr = empty_lines((t1 - t0, K), np.float32)
         for i in range(t0, t1):
             _round_row(x[i], xr[i - t0])
         t = np.empty(t1 - t0, np.float32)
-        a32 = np.empty(K, np.float32)
-        b32 = np.empty(y.shape[1], np.float32)
+        a32 = empty_lines((K,), np.float32)
+        b32 = empty_lines((y.shape[1],), np.float32)
         row = 0
         b_at = b_base[s]
         for p in range(ranks.shape[1]):

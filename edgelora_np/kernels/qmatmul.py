@@ -47,6 +47,7 @@ from numba import njit, prange
 
 from edgelora_np.kernels.bits import bf16_to_f32, f16_to_f32, scale_f32
 from edgelora_np.kernels.prefetch import prefetch
+from edgelora_np.kernels.scratch import empty_lines
 
 # Tokens processed together against one tile: bounds the [BT, T] accumulators to L1/L2.
 TOKEN_CHUNK = 16
@@ -133,12 +134,12 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
     B = xq.shape[0]
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
-    isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
-    nibbles = np.empty((G, 8, T), np.int16)
-    dws = np.empty((G, T), np.float32)
-    mws = np.empty((G, T), np.float32)
+    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
+    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    psums = empty_lines((G, TOKEN_CHUNK, T), np.int16)
+    nibbles = empty_lines((G, 8, T), np.int16)
+    dws = empty_lines((G, T), np.float32)
+    mws = empty_lines((G, T), np.float32)
     for g in prange(G):
         acc = accs[g]
         isum = isums[g]
@@ -198,11 +199,12 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
     B = xq.shape[0]
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
-    isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    pairs = np.empty((G, 4, T), np.int16)
-    dws = np.empty((G, T), np.float32)
-    mws = np.zeros((G, T), np.float32)
+    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
+    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    pairs = empty_lines((G, 4, T), np.int16)
+    dws = empty_lines((G, T), np.float32)
+    mws = empty_lines((G, T), np.float32)
+    mws[...] = 0
     for g in prange(G):
         acc = accs[g]
         isum = isums[g]
@@ -287,14 +289,15 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     per_super = 256 // bs                          # sub-blocks per super-block
     B = xq.shape[0]
     N = out.shape[1]
-    accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
-    itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    psums = np.empty((G, 2, TOKEN_CHUNK, T), np.int16)
-    nibbles = np.empty((G, 8, T), np.int16)
-    weights = np.empty((G, 2, T), np.int32)
-    scales = np.zeros((G, 2, T), np.float32)
+    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
+    itots = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    imins = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    psums = empty_lines((G, 2, TOKEN_CHUNK, T), np.int16)
+    nibbles = empty_lines((G, 8, T), np.int16)
+    weights = empty_lines((G, 2, T), np.int32)
+    scales = empty_lines((G, 2, T), np.float32)
+    scales[...] = 0
     for g in prange(G):
         acc, itot, imin, isum = accs[g], itots[g], imins[g], isums[g]
         psum, psum2 = psums[g, 0], psums[g, 1]
@@ -428,8 +431,8 @@ def matmul_f16(w, is_bf16, x, out):
     B = x.shape[0]
     N = out.shape[1]
     for g in prange(G):
-        acc = np.empty((TOKEN_CHUNK, T), np.float32)
-        wk = np.empty(T, np.float32)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
+        wk = empty_lines((T,), np.float32)
         for b0 in range(0, B, TOKEN_CHUNK):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0
@@ -453,7 +456,7 @@ def matmul_f32(w, x, out):
     B = x.shape[0]
     N = out.shape[1]
     for g in prange(G):
-        acc = np.empty((TOKEN_CHUNK, T), np.float32)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
         for b0 in range(0, B, TOKEN_CHUNK):
             nbt = min(TOKEN_CHUNK, B - b0)
             acc[:nbt] = 0.0

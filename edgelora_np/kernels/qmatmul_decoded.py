@@ -45,6 +45,7 @@ from numba import njit, prange
 
 from edgelora_np.kernels.bits import f16_to_f32
 from edgelora_np.kernels.prefetch import prefetch
+from edgelora_np.kernels.scratch import empty_lines
 
 TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT, T] sums)
 
@@ -237,12 +238,13 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
     is_q5 = qh.shape[2] > 0
     zero = np.int16(0) if has_m else np.int16(16)
     rows = ROWS_IN_INT16_Q5_1 if has_m else ROWS_IN_INT16_Q5_0
-    accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
-    isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
-    w16s = np.empty((G, 32, T), np.int16)      # the decoded block, q5 or iq4nl
-    dws = np.empty((G, T), np.float32)
-    mws = np.zeros((G, T), np.float32)
+    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
+    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    psums = empty_lines((G, TOKEN_CHUNK, T), np.int16)
+    w16s = empty_lines((G, 32, T), np.int16)      # the decoded block, q5 or iq4nl
+    dws = empty_lines((G, T), np.float32)
+    mws = empty_lines((G, T), np.float32)
+    mws[...] = 0
     for g in prange(G):
         acc, isum, psum, dw, mw = accs[g], isums[g], psums[g], dws[g], mws[g]
         for b0 in range(0, B, TOKEN_CHUNK):
@@ -292,15 +294,16 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
     per_super = 256 // bs
     B = xq.shape[0]
     N = out.shape[1]
-    accs = np.empty((G, TOKEN_CHUNK, T), np.float32)
-    isums = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    psums = np.empty((G, TOKEN_CHUNK, T), np.int16)
-    itots = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    imins = np.empty((G, TOKEN_CHUNK, T), np.int32)
-    w16s = np.empty((G, 16, T), np.int16)
-    wiq4s = np.empty((G, 32, T), np.int16)
-    scs = np.empty((G, 2, T), np.int32)
-    dws = np.zeros((G, 2, T), np.float32)
+    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
+    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    psums = empty_lines((G, TOKEN_CHUNK, T), np.int16)
+    itots = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    imins = empty_lines((G, TOKEN_CHUNK, T), np.int32)
+    w16s = empty_lines((G, 16, T), np.int16)
+    wiq4s = empty_lines((G, 32, T), np.int16)
+    scs = empty_lines((G, 2, T), np.int32)
+    dws = empty_lines((G, 2, T), np.float32)
+    dws[...] = 0
     for g in prange(G):
         acc, isum, psum, itot, imin = accs[g], isums[g], psums[g], itots[g], imins[g]
         s, mn = scs[g, 0], scs[g, 1]                # the sub-block's scale and (Q2_K) min
