@@ -133,6 +133,7 @@ def warm_forward(qtypes, n_threads: int | None = None) -> None:
     real model needs, in milliseconds once cached.
     """
     from edgelora_np.adapters.pool import AdapterPool
+    from edgelora_np.kernels.actquant import SERIAL_ROWS
     from edgelora_np.kernels.lora import LoraBatch
     from edgelora_np.model.batch import Batch
     from edgelora_np.model.config import LlamaConfig
@@ -159,8 +160,10 @@ def warm_forward(qtypes, n_threads: int | None = None) -> None:
         slot = pool.add("warm", adapter)
         for lora_slot in (-1, slot):
             cache = llama.new_cache(64)
-            prefill = Batch.single([1, 2, 3], adapter=lora_slot)
-            decode = Batch.single([4], start=3, adapter=lora_slot)
+            # More rows than SERIAL_ROWS, so that both activation quantizers are loaded.
+            n_prefill = SERIAL_ROWS + 1
+            prefill = Batch.single(list(range(1, n_prefill + 1)), adapter=lora_slot)
+            decode = Batch.single([n_prefill + 1], start=n_prefill, adapter=lora_slot)
             for batch in (prefill, decode):
                 lora = LoraBatch(pool, batch.adapters) if lora_slot >= 0 else None
                 llama.forward(batch, cache, lora)

@@ -245,3 +245,42 @@ def test_hidden_states_are_the_forwards_stream(model_dir):
     np.testing.assert_array_equal(matmul(llama.weights.output, normed), alone(model, ids))
     with pytest.raises(el.EdgeLoraError, match="n_layers must be between 0 and 3"):
         llama.hidden_states(batch, llama.new_cache(64), 4)
+
+
+# Run in a fresh process: in this one, earlier tests may already have loaded any kernel.
+_LOADED_AFTER_WARMUP = """
+import sys
+import numba
+import numpy as np
+import edgelora_np as el
+from edgelora_np.kernels import actquant, attention, elementwise, lora, pack, qmatmul, qmatmul_decoded
+
+def loaded():
+    return {f"{module.__name__}.{name}": len(kernel.signatures)
+            for module in (actquant, attention, elementwise, lora, pack, qmatmul, qmatmul_decoded)
+            for name, kernel in vars(module).items()
+            if isinstance(kernel, numba.core.dispatcher.Dispatcher)}
+
+model = el.load_model(sys.argv[1], progress=False)
+before = loaded()
+model.logits(np.arange(40) % model.config.vocab_size)       # a 40-token prefill
+model.logits(np.arange(1))                                   # one token, as decode runs
+after = loaded()
+print({name: (before[name], after[name]) for name in after if after[name] != before[name]})
+"""
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="counts the kernels' compiled signatures")
+def test_loading_a_model_loads_every_kernel_its_forwards_use(model_dir):
+    """load_model's warm-up runs every kernel signature a forward of any batch size uses, so
+    that none is loaded later, after warmup.release_compiler_memory. One loaded then raised
+    peak RSS by ~10 MB (the parallel activation quantizer, when the warm-up's prefill had no
+    more rows than actquant.SERIAL_ROWS)."""
+    import subprocess
+    import sys
+
+    path = model_path(model_dir, "warm-Q4_1", TinySpec(qtype=QT.Q4_1, seed=3))
+    result = subprocess.run([sys.executable, "-c", _LOADED_AFTER_WARMUP, str(path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{}", f"loaded after the warm-up (before, after): {result.stdout}"

@@ -382,9 +382,10 @@ def assert_same_activations(x, fmt):
 
 @pytest.mark.parametrize("fmt", ACT_FORMATS)
 @quick
-@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 4), n_super=st.integers(1, 2),
-       log_scale=st.floats(-20, 10))
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 2 * actquant.SERIAL_ROWS + 1),
+       n_super=st.integers(1, 2), log_scale=st.floats(-20, 10))
 def test_quantize_activations_matches_reference(fmt, seed, batch, n_super, log_scale):
+    """Batches on both sides of SERIAL_ROWS: the serial and the parallel kernels."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((batch, 256 * n_super)) * 2.0**log_scale).astype(np.float32)
     x[rng.random(batch) < 0.3] = 0                               # whole rows of zeros

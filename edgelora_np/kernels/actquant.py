@@ -29,60 +29,91 @@ QK8 = 32     # block of q8_0 / q8_1
 QK_K = 256   # super-block of q8_K
 
 
+# Rows up to which the quantizers run on the calling thread: starting a parallel region costs
+# about 1 us on the 2-core VM, as much as quantizing a 576-wide row, and one-token decode
+# quantizes four activation rows per layer (docs/benchmarks.md).
+SERIAL_ROWS = 4
+
+
+@njit(inline="always")
+def _q8_row(x, block, round_sum, xq, xd, xs):
+    """q8_0 (round_sum False) or q8_1 (True) of one row x [K], into xq [K], xd, xs [K/block]."""
+    for ib in range(x.shape[0] // block):
+        o = ib * block
+        amax = np.float32(0.0)
+        for j in range(block):
+            amax = max(amax, abs(x[o + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        total = 0
+        for j in range(block):
+            q = np.int32(np.rint(x[o + j] * inv))
+            xq[o + j] = q
+            total += q
+        d16 = round_to_f16(d)
+        xd[ib] = d16
+        s = d * np.float32(total)
+        xs[ib] = round_to_f16(s) if round_sum else d16 * np.float32(total)
+
+
 @njit(parallel=True, cache=True)
 def quantize_act_q8(x, block, round_sum, xq, xd, xs):
-    """q8_0 (round_sum False) or q8_1 (True) for `block`-sized blocks of x [B, K]."""
-    B, K = x.shape
-    nb = K // block
-    for b in prange(B):
-        for ib in range(nb):
-            o = ib * block
-            amax = np.float32(0.0)
-            for j in range(block):
-                amax = max(amax, abs(x[b, o + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+    """q8_0 (round_sum False) or q8_1 (True) for `block`-sized blocks of x [B, K], rows in
+    parallel."""
+    for b in prange(x.shape[0]):
+        _q8_row(x[b], block, round_sum, xq[b], xd[b], xs[b])
+
+
+@njit(cache=True)
+def quantize_act_q8_serial(x, block, round_sum, xq, xd, xs):
+    """quantize_act_q8 on the calling thread (for at most SERIAL_ROWS rows)."""
+    for b in range(x.shape[0]):
+        _q8_row(x[b], block, round_sum, xq[b], xd[b], xs[b])
+
+
+@njit(inline="always")
+def _q8_k_row(x, xq, xd, bsums):
+    """q8_K of one row x [K]: one float32 scale per 256 values and the sum of each 16 quantized
+    values, into xq [K], xd [K/256], bsums [K/16]."""
+    for isb in range(x.shape[0] // QK_K):
+        o = isb * QK_K
+        vmax = np.float32(0.0)
+        amax = np.float32(0.0)
+        for j in range(QK_K):
+            v = x[o + j]
+            if abs(v) > amax:
+                amax = abs(v)
+                vmax = v
+        if amax == 0:
+            d = np.float32(0.0)
+            for j in range(QK_K):
+                xq[o + j] = 0
+        else:
+            iscale = np.float32(-127.0) / vmax
+            d = np.float32(1.0) / iscale
+            for j in range(QK_K):
+                q = np.int32(np.rint(iscale * x[o + j]))
+                xq[o + j] = min(127, q)
+        xd[isb] = d
+        for g in range(QK_K // 16):
             total = 0
-            for j in range(block):
-                q = np.int32(np.rint(x[b, o + j] * inv))
-                xq[b, o + j] = q
-                total += q
-            d16 = round_to_f16(d)
-            xd[b, ib] = d16
-            s = d * np.float32(total)
-            xs[b, ib] = round_to_f16(s) if round_sum else d16 * np.float32(total)
+            for j in range(16):
+                total += np.int32(xq[o + 16 * g + j])
+            bsums[isb * (QK_K // 16) + g] = total
 
 
 @njit(parallel=True, cache=True)
 def quantize_act_q8_k(x, xq, xd, bsums):
-    """q8_K: one float32 scale per 256 values and the sum of each 16 quantized values."""
-    B, K = x.shape
-    for b in prange(B):
-        for isb in range(K // QK_K):
-            o = isb * QK_K
-            vmax = np.float32(0.0)
-            amax = np.float32(0.0)
-            for j in range(QK_K):
-                v = x[b, o + j]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    vmax = v
-            if amax == 0:
-                d = np.float32(0.0)
-                for j in range(QK_K):
-                    xq[b, o + j] = 0
-            else:
-                iscale = np.float32(-127.0) / vmax
-                d = np.float32(1.0) / iscale
-                for j in range(QK_K):
-                    q = np.int32(np.rint(iscale * x[b, o + j]))
-                    xq[b, o + j] = min(127, q)
-            xd[b, isb] = d
-            for g in range(QK_K // 16):
-                total = 0
-                for j in range(16):
-                    total += np.int32(xq[b, o + 16 * g + j])
-                bsums[b, isb * (QK_K // 16) + g] = total
+    """q8_K of x [B, K], rows in parallel."""
+    for b in prange(x.shape[0]):
+        _q8_k_row(x[b], xq[b], xd[b], bsums[b])
+
+
+@njit(cache=True)
+def quantize_act_q8_k_serial(x, xq, xd, bsums):
+    """quantize_act_q8_k on the calling thread (for at most SERIAL_ROWS rows)."""
+    for b in range(x.shape[0]):
+        _q8_k_row(x[b], xq[b], xd[b], bsums[b])
 
 
 def quantize_activations(x: np.ndarray, fmt: str):
@@ -91,7 +122,8 @@ def quantize_activations(x: np.ndarray, fmt: str):
     xq = np.empty((B, K), np.int8)
     xd = np.empty((B, K // QK8), np.float32)
     xs = np.empty((B, K // QK8), np.float32)
-    quantize_act_q8(x, QK8, fmt == "q8_1", xq, xd, xs)
+    kernel = quantize_act_q8_serial if B <= SERIAL_ROWS else quantize_act_q8
+    kernel(x, QK8, fmt == "q8_1", xq, xd, xs)
     return xq, xd, xs
 
 
@@ -101,7 +133,8 @@ def quantize_activations_q8_k(x: np.ndarray):
     xq = np.empty((B, K), np.int8)
     xd = np.empty((B, K // QK_K), np.float32)
     bsums = np.empty((B, K // 16), np.int32)
-    quantize_act_q8_k(x, xq, xd, bsums)
+    kernel = quantize_act_q8_k_serial if B <= SERIAL_ROWS else quantize_act_q8_k
+    kernel(x, xq, xd, bsums)
     return xq, xd, bsums
 
 
