@@ -36,6 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import f16_to_f32, round_to_f16
+from edgelora_np.kernels.prefetch import prefetch
 from edgelora_np.kernels.scratch import empty_lines
 
 SEGMENT_CHUNK = 16   # tokens of one segment processed together in sgmv
@@ -86,16 +87,38 @@ def _n_rows(ranks, s):
     return n
 
 
+@njit(cache=True)
+def _n_values_b(ranks, part_width, s):
+    """How many B values slot s holds in this group: sum over parts of rank x width."""
+    n = 0
+    for p in range(ranks.shape[1]):
+        n += ranks[s, p] * part_width[p]
+    return n
+
+
 @njit(parallel=True, cache=True)
 def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s_base, ranks,
               part_col0, part_width):
     """x [B, K], y [B, N] updated in place; token_slot [B] int32 (-1 = no adapter),
-    token_scale [B] float32."""
+    token_scale [B] float32.
+
+    Decode tokens mostly read distinct adapters, whose rows come from memory: while a token
+    works through its rank rows, the next token's A rows and B values are prefetched, one
+    piece per rank row (kernels/prefetch.py)."""
     B, K = x.shape
     for i in prange(B):
         s = token_slot[i]
-        if s < 0 or a_base[s] < 0 or _n_rows(ranks, s) == 0:
+        n_rows = _n_rows(ranks, s) if s >= 0 and a_base[s] >= 0 else 0
+        if n_rows == 0:
             continue
+        a_next = b_next = a_len = b_len = 0
+        if i + 1 < B:
+            s2 = token_slot[i + 1]
+            if s2 >= 0 and a_base[s2] >= 0:
+                a_next, a_len = a_base[s2], _n_rows(ranks, s2) * K
+                b_next, b_len = b_base[s2], _n_values_b(ranks, part_width, s2)
+        a_piece = (a_len + n_rows - 1) // n_rows
+        b_piece = (b_len + n_rows - 1) // n_rows
         xr = empty_lines((K,), np.float32)
         a32 = empty_lines((K,), np.float32)
         _round_row(x[i], xr)
@@ -104,6 +127,10 @@ def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s
         for p in range(ranks.shape[1]):
             c0, w = part_col0[p], part_width[p]
             for _ in range(ranks[s, p]):
+                lo = min(row * a_piece, a_len)
+                prefetch(arena16[a_next + lo:a_next + min(lo + a_piece, a_len)])
+                lo = min(row * b_piece, b_len)
+                prefetch(arena16[b_next + lo:b_next + min(lo + b_piece, b_len)])
                 a0 = a_base[s] + row * K
                 _widen(arena16[a0:a0 + K], a32)
                 t = round_to_f16(_shrink(a32, xr)) * arena32[s_base[s] + row] * token_scale[i]
