@@ -3,6 +3,7 @@
     python tools/profile_decode.py [--model PATH] [--tokens 64] [--prompt-tokens 256]
     python tools/profile_decode.py --kernels [Q4_0,Q2_K,...] [--against REV]
     python tools/profile_decode.py --workload [--against REV]
+    python tools/profile_decode.py --lora
 
 Prints the share of wall time of each Numba kernel and of the Python around them, for decode
 steps (one token, one sequence) after a prompt of the given length; recorded in
@@ -23,6 +24,11 @@ seven projections with Zipf popularity, alpha = 1) submitted at once to an Engin
 sequences and 256 tokens per step; output tok/s of each run, then cProfile over one more run.
 With --against REV, REV's matmul kernels and today's run the same mix alternately (3 rounds),
 and the generated tokens are compared.
+
+--lora: the LoRA corrections alone of one decode step of 32 sequences with 32 distinct random
+rank-8 adapters on all seven projections (bench_lora's), every layer and projection group
+(kernels/lora.py's LoraBatch.apply, the gather kernel), in process: ms per step and the adapter
+bytes read per second. To compare revisions, run it from each one's worktree alternately.
 """
 
 from __future__ import annotations
@@ -48,7 +54,11 @@ def main() -> None:
                          "revision REV too")
     ap.add_argument("--workload", action="store_true",
                     help="profile batched multi-LoRA decode under the workload's request mix")
+    ap.add_argument("--lora", action="store_true",
+                    help="time the LoRA corrections of one 32-sequence decode step")
     args = ap.parse_args()
+    if args.lora:
+        return lora_step(args.model, args.threads)
     if args.workload:
         return workload(args.model, args.threads, args.against)
     if args.against is not None:
@@ -298,6 +308,48 @@ def workload(model: str | None, threads: int | None, rev: str | None, n_adapters
     print("| --- | ---: | ---: |")
     for tottime, func in rows[:12]:
         print(f"| {func} | {tottime:.2f} | {100 * tottime / wall:.1f}% |")
+
+
+def lora_step(model: str | None, threads: int | None, n_seqs: int = 32, rounds: int = 15) -> None:
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import edgelora_np as el
+    from edgelora_np.adapters.formats import load_adapter
+    from edgelora_np.adapters.pool import AdapterPool
+    from edgelora_np.kernels.lora import LoraBatch
+    from edgelora_np.model import compute
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_lora import write_adapters
+
+    m = el.load_model(model, n_threads=threads, progress=False)
+    cfg = m.llama.cfg
+    pool = AdapterPool(cfg, 512 << 20, max_slots=n_seqs)
+    with tempfile.TemporaryDirectory() as folder:
+        slots = [pool.add(f"t{i}", load_adapter(path, cfg))
+                 for i, path in enumerate(write_adapters(Path(folder), n_seqs))]
+    adapter_bytes = pool.stats().bytes_resident
+    shapes = {"qkv": (cfg.dim, cfg.dim + 2 * cfg.kv_dim), "o": (cfg.dim, cfg.dim),
+              "gate_up": (cfg.dim, 2 * cfg.ffn_dim), "down": (cfg.ffn_dim, cfg.dim)}
+    rng = np.random.default_rng(0)
+    io = {g: (rng.standard_normal((n_seqs, k)).astype(np.float32),
+              np.zeros((n_seqs, n), np.float32)) for g, (k, n) in shapes.items()}
+    lora = LoraBatch(pool, np.array(slots, np.int32))         # one token per sequence
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        for layer in range(cfg.n_layers):
+            for group, (x, y) in io.items():
+                lora.apply(group, layer, x, y)
+        return time.perf_counter() - t0
+
+    times = sorted(compute.run(lambda: [step() for _ in range(rounds + 1)][1:]))
+    median = times[len(times) // 2]
+    print(f"LoRA of one decode step, {n_seqs} sequences with {n_seqs} distinct adapters: "
+          f"median {1000 * median:.2f} ms, best {1000 * times[0]:.2f} ms of {rounds}; "
+          f"{adapter_bytes / 1e6:.0f} MB of adapters read at {adapter_bytes / median / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":
