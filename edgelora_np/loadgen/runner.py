@@ -41,6 +41,13 @@ from edgelora_np.loadgen.workload import Workload, WorkloadSpec, make_workload
 DEFAULT_TIMEOUT = 300.0   # seconds a request may take from sending to its end
 RSS_SAMPLE_S = 0.25       # how often the server's resident memory is sampled
 DETAIL_CHARS = 200        # of an error's message kept in a result
+# Seconds an idle kept-alive connection is reused for: well under the servers' own idle timeouts
+# (llama-server's and uvicorn's are 5 s). A request sent on a connection just as the server
+# closes it fails as "disconnected" without reaching the server. At httpx's default expiry, also
+# 5 s, one of 120 requests at 2 req/s did so (docs/benchmarks.md); scaled down to a 0.2 s server
+# timeout, 4 of 300 requests sent after 0.19-0.21 s idle failed with a longer client expiry and
+# none with a shorter one.
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 def make_client(url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
@@ -53,7 +60,8 @@ def make_client(url: str, *, api_key: str | None = None, timeout: float = DEFAUL
     return httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(timeout),
                              limits=httpx.Limits(max_connections=None,
                                                  max_keepalive_connections=None if keepalive
-                                                 else 0),
+                                                 else 0,
+                                                 keepalive_expiry=KEEPALIVE_EXPIRY_S),
                              trust_env=False)
 
 
