@@ -331,11 +331,9 @@ def lora_step(model: str | None, threads: int | None, n_seqs: int = 32, rounds: 
         slots = [pool.add(f"t{i}", load_adapter(path, cfg))
                  for i, path in enumerate(write_adapters(Path(folder), n_seqs))]
     adapter_bytes = pool.stats().bytes_resident
-    shapes = {"qkv": (cfg.dim, cfg.dim + 2 * cfg.kv_dim), "o": (cfg.dim, cfg.dim),
-              "gate_up": (cfg.dim, 2 * cfg.ffn_dim), "down": (cfg.ffn_dim, cfg.dim)}
     rng = np.random.default_rng(0)
-    io = {g: (rng.standard_normal((n_seqs, k)).astype(np.float32),
-              np.zeros((n_seqs, n), np.float32)) for g, (k, n) in shapes.items()}
+    io = {name: (rng.standard_normal((n_seqs, g.n_in)).astype(np.float32),
+                 np.zeros((n_seqs, g.n_out), np.float32)) for name, g in pool.groups.items()}
     lora = LoraBatch(pool, np.array(slots, np.int32))         # one token per sequence
 
     def step() -> float:

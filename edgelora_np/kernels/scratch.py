@@ -14,7 +14,7 @@ target; NEON's 16-byte vectors never straddle one once the row starts aligned.
 import numpy as np
 from numba import njit
 
-LINE = 64                 # bytes per cache line
+from edgelora_np.kernels.prefetch import LINE
 
 
 @njit(inline="always")
