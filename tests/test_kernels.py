@@ -24,7 +24,7 @@ from tiny_model import K_TYPES, RANDOM_TYPES, random_k_blocks
 from edgelora_np.errors import ContextOverflowError, UnsupportedQuantError
 from edgelora_np.kernels import actquant, attention, bits, elementwise, pack, qmatmul_decoded
 from edgelora_np.kernels.qmatmul import TOKEN_CHUNK
-from edgelora_np.kernels.scratch import empty_lines
+from edgelora_np.kernels.scratch import empty_lines, tile_run
 from edgelora_np.model.config import LlamaConfig
 from edgelora_np.model.kv_cache import PAGE_SIZE, PagedKVCache
 
@@ -245,6 +245,64 @@ def test_scratch_starts_on_a_cache_line(dtype):
         assert (fn(100) % 64 == 0).all()
     a = empty_lines((5, 7), dtype)
     assert a.shape == (5, 7) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 4, 7])
+def test_tile_runs_cover_every_tile_once(n_parts):
+    """scratch.tile_run: the parts' runs are contiguous, in order, cover 0..n-1 exactly once,
+    and differ in length by at most one tile."""
+    for n_tiles in range(n_parts, 40):
+        runs = [tile_run(p, n_parts, n_tiles) for p in range(n_parts)]
+        assert runs[0][0] == 0 and runs[-1][1] == n_tiles
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        sizes = [end - first for first, end in runs]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+# Run in a child process: glibc's mmap threshold is fixed there at its starting value (128 KB;
+# left alone, it rises after some frees, and whether a given allocation is mapped afresh would
+# depend on what the test session freed before).
+_FAULTS_PER_CALL = """
+import ctypes, resource, sys
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from tiny_model import random_weight
+from edgelora_np.kernels import pack
+
+M_MMAP_THRESHOLD = -3
+assert ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
+qtype, n, k = QT[sys.argv[1]], 49152, 256
+rng = np.random.default_rng(0)
+w = pack.pack_gguf(random_weight(qtype, (n, k), rng, 0.05), qtype, n, k, 2)
+assert w.qs.shape[0] >= 64, w.qs.shape                           # many tiles
+x = rng.standard_normal((1, k)).astype(np.float32)
+out = np.empty((1, n), np.float32)
+for _ in range(3):
+    pack.matmul(w, x, out)                                       # compiled, warmed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    pack.matmul(w, x, out)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="counts the compiled kernels' page faults")
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="glibc's mallopt")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K", "Q5_0", "IQ4_XS"])
+def test_matmul_scratch_does_not_grow_with_the_tiles(qtype):
+    """A one-token matmul against a matrix of many tiles (the output projection's shape, cut for
+    two threads into 96 tiles of 512 rows) touches no new pages call after call: each thread
+    allocates its scratch once, a few KB that malloc serves from memory it holds. Scratch per
+    tile was 3-7 MB per call here, which glibc mapped afresh and faulted in on every call
+    (~1,800 pages for Q8_0; a third of a decode step's output projection went there)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, qtype], capture_output=True,
+                            text=True, timeout=600, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 16, f"{result.stdout.strip()} page faults per call"
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -47,7 +47,7 @@ from numba import njit, prange
 
 from edgelora_np.kernels.bits import bf16_to_f32, f16_to_f32, scale_f32
 from edgelora_np.kernels.prefetch import prefetch
-from edgelora_np.kernels.scratch import empty_lines
+from edgelora_np.kernels.scratch import empty_lines, thread_parts, tile_run
 
 # Tokens processed together against one tile: bounds the [BT, T] accumulators to L1/L2.
 TOKEN_CHUNK = 16
@@ -134,45 +134,44 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
     B = xq.shape[0]
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
-    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    psums = empty_lines((G, TOKEN_CHUNK, T), np.int16)
-    nibbles = empty_lines((G, 8, T), np.int16)
-    dws = empty_lines((G, T), np.float32)
-    mws = empty_lines((G, T), np.float32)
-    for g in prange(G):
-        acc = accs[g]
-        isum = isums[g]
-        dw = dws[g]
-        mw = mws[g]
-        for b0 in range(0, B, TOKEN_CHUNK):
-            nbt = min(TOKEN_CHUNK, B - b0)
-            acc[:nbt] = 0.0
-            for ib in range(nb):
-                ahead = min(ib + 1, nb - 1)       # the next block's bytes, while this one works
-                prefetch(d[g, ahead])
-                if has_m:
-                    prefetch(m[g, ahead])
-                _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, ib * 32, nibbles[g],
-                               psums[g], isum)
-                for t in range(T):
-                    dw[t] = scale_f32(d[g, ib, t])
-                if has_m:
+    n_parts = thread_parts(G)
+    for part in prange(n_parts):                  # a run of tiles per thread (kernels/scratch.py)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
+        isum = empty_lines((TOKEN_CHUNK, T), np.int32)
+        psum = empty_lines((TOKEN_CHUNK, T), np.int16)
+        nibbles = empty_lines((8, T), np.int16)
+        dw = empty_lines((T,), np.float32)
+        mw = empty_lines((T,), np.float32)
+        first, end = tile_run(part, n_parts, G)
+        for g in range(first, end):
+            for b0 in range(0, B, TOKEN_CHUNK):
+                nbt = min(TOKEN_CHUNK, B - b0)
+                acc[:nbt] = 0.0
+                for ib in range(nb):
+                    ahead = min(ib + 1, nb - 1)       # the next block's bytes, while this one works
+                    prefetch(d[g, ahead])
+                    if has_m:
+                        prefetch(m[g, ahead])
+                    _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, ib * 32, nibbles,
+                                   psum, isum)
                     for t in range(T):
-                        mw[t] = scale_f32(m[g, ib, t])
-                else:
-                    for t in range(T):
-                        mw[t] = np.float32(-8.0) * dw[t]
+                        dw[t] = scale_f32(d[g, ib, t])
+                    if has_m:
+                        for t in range(T):
+                            mw[t] = scale_f32(m[g, ib, t])
+                    else:
+                        for t in range(T):
+                            mw[t] = np.float32(-8.0) * dw[t]
+                    for bb in range(nbt):
+                        dx = xd[b0 + bb, ib]
+                        sx = xs[b0 + bb, ib]
+                        arow = acc[bb]
+                        irow = isum[bb]
+                        for t in range(T):
+                            arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
+                rows = min(T, N - g * T)
                 for bb in range(nbt):
-                    dx = xd[b0 + bb, ib]
-                    sx = xs[b0 + bb, ib]
-                    arow = acc[bb]
-                    irow = isum[bb]
-                    for t in range(T):
-                        arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
-            rows = min(T, N - g * T)
-            for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
+                    out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
 
 
 # q8 code rows whose products are summed in int16 before widening: a code is at most 128 in
@@ -199,68 +198,67 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
     B = xq.shape[0]
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
-    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    pairs = empty_lines((G, 4, T), np.int16)
-    dws = empty_lines((G, T), np.float32)
-    mws = empty_lines((G, T), np.float32)
-    mws[...] = 0
-    for g in prange(G):
-        acc = accs[g]
-        isum = isums[g]
-        pair, pair2, pair3, pair4 = pairs[g, 0], pairs[g, 1], pairs[g, 2], pairs[g, 3]
-        dw = dws[g]
-        mw = mws[g]
-        for b0 in range(0, B, TOKEN_CHUNK):
-            nbt = min(TOKEN_CHUNK, B - b0)
-            acc[:nbt] = 0.0
-            for ib in range(nb):
-                ahead = min(ib + 1, nb - 1)       # the next block's bytes, a row pair at a time
-                prefetch(d[g, ahead])
-                if has_m:
-                    prefetch(m[g, ahead])
-                isum[:nbt] = 0
-                for j in range(0, bs, Q8_ROWS_PER_PASS):
-                    q0, q1 = qs[g, ib, j], qs[g, ib, j + 1]              # [T] int8
-                    q2, q3 = qs[g, ib, j + 2], qs[g, ib, j + 3]
-                    q4, q5 = qs[g, ib, j + 4], qs[g, ib, j + 5]
-                    q6, q7 = qs[g, ib, j + 6], qs[g, ib, j + 7]
-                    # The next block's same eight rows, half now and half after the first
-                    # token's products: all eight at once was slower on the 30 MB output
-                    # projection at one token (docs/benchmarks.md).
-                    prefetch(qs[g, ahead, j:j + 4])
+    n_parts = thread_parts(G)
+    for part in prange(n_parts):                  # a run of tiles per thread (kernels/scratch.py)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
+        isum = empty_lines((TOKEN_CHUNK, T), np.int32)
+        pairs = empty_lines((4, T), np.int16)
+        pair, pair2, pair3, pair4 = pairs[0], pairs[1], pairs[2], pairs[3]
+        dw = empty_lines((T,), np.float32)
+        mw = empty_lines((T,), np.float32)
+        mw[...] = 0
+        first, end = tile_run(part, n_parts, G)
+        for g in range(first, end):
+            for b0 in range(0, B, TOKEN_CHUNK):
+                nbt = min(TOKEN_CHUNK, B - b0)
+                acc[:nbt] = 0.0
+                for ib in range(nb):
+                    ahead = min(ib + 1, nb - 1)       # the next block's bytes, a row pair at a time
+                    prefetch(d[g, ahead])
+                    if has_m:
+                        prefetch(m[g, ahead])
+                    isum[:nbt] = 0
+                    for j in range(0, bs, Q8_ROWS_PER_PASS):
+                        q0, q1 = qs[g, ib, j], qs[g, ib, j + 1]              # [T] int8
+                        q2, q3 = qs[g, ib, j + 2], qs[g, ib, j + 3]
+                        q4, q5 = qs[g, ib, j + 4], qs[g, ib, j + 5]
+                        q6, q7 = qs[g, ib, j + 6], qs[g, ib, j + 7]
+                        # The next block's same eight rows, half now and half after the first
+                        # token's products: all eight at once was slower on the 30 MB output
+                        # projection at one token (docs/benchmarks.md).
+                        prefetch(qs[g, ahead, j:j + 4])
+                        for bb in range(nbt):
+                            xr = xq[b0 + bb, ib * bs + j:]
+                            x0, x1 = np.int16(xr[0]), np.int16(xr[1])
+                            x2, x3 = np.int16(xr[2]), np.int16(xr[3])
+                            x4, x5 = np.int16(xr[4]), np.int16(xr[5])
+                            x6, x7 = np.int16(xr[6]), np.int16(xr[7])
+                            for t in range(T):
+                                pair[t] = np.int16(np.int16(q0[t]) * x0 + np.int16(q1[t]) * x1)
+                                pair2[t] = np.int16(np.int16(q2[t]) * x2 + np.int16(q3[t]) * x3)
+                                pair3[t] = np.int16(np.int16(q4[t]) * x4 + np.int16(q5[t]) * x5)
+                                pair4[t] = np.int16(np.int16(q6[t]) * x6 + np.int16(q7[t]) * x7)
+                            if bb == 0:
+                                prefetch(qs[g, ahead, j + 4:j + 8])
+                            row = isum[bb]
+                            for t in range(T):
+                                row[t] += (np.int32(pair[t]) + np.int32(pair2[t])
+                                           + np.int32(pair3[t]) + np.int32(pair4[t]))
+                    for t in range(T):
+                        dw[t] = scale_f32(d[g, ib, t])
+                    if has_m:
+                        for t in range(T):
+                            mw[t] = scale_f32(m[g, ib, t])
                     for bb in range(nbt):
-                        xr = xq[b0 + bb, ib * bs + j:]
-                        x0, x1 = np.int16(xr[0]), np.int16(xr[1])
-                        x2, x3 = np.int16(xr[2]), np.int16(xr[3])
-                        x4, x5 = np.int16(xr[4]), np.int16(xr[5])
-                        x6, x7 = np.int16(xr[6]), np.int16(xr[7])
+                        dx = xd[b0 + bb, ib]
+                        sx = xs[b0 + bb, ib]
+                        arow = acc[bb]
+                        irow = isum[bb]
                         for t in range(T):
-                            pair[t] = np.int16(np.int16(q0[t]) * x0 + np.int16(q1[t]) * x1)
-                            pair2[t] = np.int16(np.int16(q2[t]) * x2 + np.int16(q3[t]) * x3)
-                            pair3[t] = np.int16(np.int16(q4[t]) * x4 + np.int16(q5[t]) * x5)
-                            pair4[t] = np.int16(np.int16(q6[t]) * x6 + np.int16(q7[t]) * x7)
-                        if bb == 0:
-                            prefetch(qs[g, ahead, j + 4:j + 8])
-                        row = isum[bb]
-                        for t in range(T):
-                            row[t] += (np.int32(pair[t]) + np.int32(pair2[t])
-                                       + np.int32(pair3[t]) + np.int32(pair4[t]))
-                for t in range(T):
-                    dw[t] = scale_f32(d[g, ib, t])
-                if has_m:
-                    for t in range(T):
-                        mw[t] = scale_f32(m[g, ib, t])
+                            arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
+                rows = min(T, N - g * T)
                 for bb in range(nbt):
-                    dx = xd[b0 + bb, ib]
-                    sx = xs[b0 + bb, ib]
-                    arow = acc[bb]
-                    irow = isum[bb]
-                    for t in range(T):
-                        arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
-            rows = min(T, N - g * T)
-            for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
+                    out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
 
 
 @njit(inline="always")
@@ -289,132 +287,134 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     per_super = 256 // bs                          # sub-blocks per super-block
     B = xq.shape[0]
     N = out.shape[1]
-    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
-    itots = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    imins = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    psums = empty_lines((G, 2, TOKEN_CHUNK, T), np.int16)
-    nibbles = empty_lines((G, 8, T), np.int16)
-    weights = empty_lines((G, 2, T), np.int32)
-    scales = empty_lines((G, 2, T), np.float32)
-    scales[...] = 0
-    for g in prange(G):
-        acc, itot, imin, isum = accs[g], itots[g], imins[g], isums[g]
-        psum, psum2 = psums[g, 0], psums[g, 1]
-        s0, s1 = weights[g, 0], weights[g, 1]      # the sub-block's scale and min
-        dw, mw = scales[g, 0], scales[g, 1]        # the super-block's d and dmin
-        for b0 in range(0, B, TOKEN_CHUNK):
-            nbt = min(TOKEN_CHUNK, B - b0)
-            acc[:nbt] = 0.0
-            n_super = nb // per_super
-            for isb in range(n_super):
-                itot[:nbt] = 0
-                imin[:nbt] = 0
-                next_super = min(isb + 1, n_super - 1)     # its scales, while this one works
-                prefetch(d[g, next_super])
-                if bits != 6:
-                    prefetch(dmin[g, next_super])
-                for ib in range(isb * per_super, (isb + 1) * per_super):
-                    o = ib * bs
-                    ahead = min(ib + 1, nb - 1)   # the next sub-block's bytes, as this one's go
-                    prefetch(sc[g, ahead])
+    n_parts = thread_parts(G)
+    for part in prange(n_parts):                  # a run of tiles per thread (kernels/scratch.py)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
+        itot = empty_lines((TOKEN_CHUNK, T), np.int32)
+        imin = empty_lines((TOKEN_CHUNK, T), np.int32)
+        isum = empty_lines((TOKEN_CHUNK, T), np.int32)
+        psums = empty_lines((2, TOKEN_CHUNK, T), np.int16)
+        psum, psum2 = psums[0], psums[1]
+        nibbles = empty_lines((8, T), np.int16)
+        weights = empty_lines((2, T), np.int32)
+        s0, s1 = weights[0], weights[1]           # the sub-block's scale and min
+        scales = empty_lines((2, T), np.float32)
+        scales[...] = 0
+        dw, mw = scales[0], scales[1]             # the super-block's d and dmin
+        first, end = tile_run(part, n_parts, G)
+        for g in range(first, end):
+            for b0 in range(0, B, TOKEN_CHUNK):
+                nbt = min(TOKEN_CHUNK, B - b0)
+                acc[:nbt] = 0.0
+                n_super = nb // per_super
+                for isb in range(n_super):
+                    itot[:nbt] = 0
+                    imin[:nbt] = 0
+                    next_super = min(isb + 1, n_super - 1)     # its scales, while this one works
+                    prefetch(d[g, next_super])
                     if bits != 6:
-                        prefetch(mn[g, ahead])
-                    if bits == 4:
-                        _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, o, nibbles[g],
-                                       psums[g, 0], isum)
-                    elif bits == 5:
-                        isum[:nbt] = 0
-                        # High-bit byte r holds elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1).
-                        for r in range(4):
-                            h_row = qh[g, ib, r]
-                            q0, q1 = qs[g, ib, 4 * r], qs[g, ib, 4 * r + 1]
-                            q2, q3 = qs[g, ib, 4 * r + 2], qs[g, ib, 4 * r + 3]
-                            prefetch(qh[g, ahead, r])
-                            prefetch(qs[g, ahead, 4 * r:4 * r + 4])
-                            for bb in range(nbt):
-                                x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
-                                    xq[b0 + bb], o + 4 * r, half)
-                                prow = psum[bb]
-                                for t in range(T):
-                                    h = np.int16(h_row[t])
-                                    a, b = np.int16(q0[t]), np.int16(q1[t])
-                                    c, d4 = np.int16(q2[t]), np.int16(q3[t])
-                                    prow[t] = np.int16(((a & 15) | ((h & 1) << 4)) * x0
-                                                       + ((a >> 4) | ((h & 2) << 3)) * y0
-                                                       + ((b & 15) | ((h & 4) << 2)) * x1
-                                                       + ((b >> 4) | ((h & 8) << 1)) * y1
-                                                       + ((c & 15) | (h & 16)) * x2
-                                                       + ((c >> 4) | ((h & 32) >> 1)) * y2
-                                                       + ((d4 & 15) | ((h & 64) >> 2)) * x3
-                                                       + ((d4 >> 4) | ((h & 128) >> 3)) * y3)
-                                row = isum[bb]
-                                for t in range(T):
-                                    row[t] += np.int32(prow[t])
-                    else:
-                        isum[:nbt] = 0
-                        # High-bit byte r holds elements 2r+i (bits 4i..4i+1) and 2r+i+8 (+2).
-                        for r in range(0, 4, 2):
-                            h_row, h_row1 = qh[g, ib, r], qh[g, ib, r + 1]
-                            q0, q1 = qs[g, ib, 2 * r], qs[g, ib, 2 * r + 1]
-                            q2, q3 = qs[g, ib, 2 * r + 2], qs[g, ib, 2 * r + 3]
-                            prefetch(qh[g, ahead, r:r + 2])
-                            prefetch(qs[g, ahead, 2 * r:2 * r + 4])
-                            for bb in range(nbt):
-                                x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
-                                    xq[b0 + bb], o + 2 * r, half)
-                                plo, phi = psum[bb], psum2[bb]
-                                for t in range(T):
-                                    h, k = np.int16(h_row[t]), np.int16(h_row1[t])
-                                    a, b = np.int16(q0[t]), np.int16(q1[t])
-                                    c, d4 = np.int16(q2[t]), np.int16(q3[t])
-                                    plo[t] = np.int16(((a & 15) | ((h & 3) << 4)) * x0
-                                                      + ((a >> 4) | ((h & 12) << 2)) * y0
-                                                      + ((b & 15) | (h & 48)) * x1
-                                                      + ((b >> 4) | ((h & 192) >> 2)) * y1)
-                                    phi[t] = np.int16(((c & 15) | ((k & 3) << 4)) * x2
-                                                      + ((c >> 4) | ((k & 12) << 2)) * y2
-                                                      + ((d4 & 15) | (k & 48)) * x3
-                                                      + ((d4 >> 4) | ((k & 192) >> 2)) * y3)
-                                row = isum[bb]
-                                for t in range(T):
-                                    row[t] += np.int32(plo[t]) + np.int32(phi[t])
-                    for t in range(T):
-                        s0[t] = np.int32(sc[g, ib, t])
-                    if bits == 6:
-                        for bb in range(nbt):
-                            c = 32 * np.int32(bsums[b0 + bb, ib])
-                            tot = itot[bb]
-                            row = isum[bb]
-                            for t in range(T):
-                                tot[t] += s0[t] * (row[t] - c)
-                    else:
+                        prefetch(dmin[g, next_super])
+                    for ib in range(isb * per_super, (isb + 1) * per_super):
+                        o = ib * bs
+                        ahead = min(ib + 1, nb - 1)   # the next sub-block's bytes, as this one's go
+                        prefetch(sc[g, ahead])
+                        if bits != 6:
+                            prefetch(mn[g, ahead])
+                        if bits == 4:
+                            _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, o, nibbles,
+                                           psum, isum)
+                        elif bits == 5:
+                            isum[:nbt] = 0
+                            # High-bit byte r holds elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1).
+                            for r in range(4):
+                                h_row = qh[g, ib, r]
+                                q0, q1 = qs[g, ib, 4 * r], qs[g, ib, 4 * r + 1]
+                                q2, q3 = qs[g, ib, 4 * r + 2], qs[g, ib, 4 * r + 3]
+                                prefetch(qh[g, ahead, r])
+                                prefetch(qs[g, ahead, 4 * r:4 * r + 4])
+                                for bb in range(nbt):
+                                    x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
+                                        xq[b0 + bb], o + 4 * r, half)
+                                    prow = psum[bb]
+                                    for t in range(T):
+                                        h = np.int16(h_row[t])
+                                        a, b = np.int16(q0[t]), np.int16(q1[t])
+                                        c, d4 = np.int16(q2[t]), np.int16(q3[t])
+                                        prow[t] = np.int16(((a & 15) | ((h & 1) << 4)) * x0
+                                                           + ((a >> 4) | ((h & 2) << 3)) * y0
+                                                           + ((b & 15) | ((h & 4) << 2)) * x1
+                                                           + ((b >> 4) | ((h & 8) << 1)) * y1
+                                                           + ((c & 15) | (h & 16)) * x2
+                                                           + ((c >> 4) | ((h & 32) >> 1)) * y2
+                                                           + ((d4 & 15) | ((h & 64) >> 2)) * x3
+                                                           + ((d4 >> 4) | ((h & 128) >> 3)) * y3)
+                                    row = isum[bb]
+                                    for t in range(T):
+                                        row[t] += np.int32(prow[t])
+                        else:
+                            isum[:nbt] = 0
+                            # High-bit byte r holds elements 2r+i (bits 4i..4i+1) and 2r+i+8 (+2).
+                            for r in range(0, 4, 2):
+                                h_row, h_row1 = qh[g, ib, r], qh[g, ib, r + 1]
+                                q0, q1 = qs[g, ib, 2 * r], qs[g, ib, 2 * r + 1]
+                                q2, q3 = qs[g, ib, 2 * r + 2], qs[g, ib, 2 * r + 3]
+                                prefetch(qh[g, ahead, r:r + 2])
+                                prefetch(qs[g, ahead, 2 * r:2 * r + 4])
+                                for bb in range(nbt):
+                                    x0, x1, x2, x3, y0, y1, y2, y3 = _pairs_of_four(
+                                        xq[b0 + bb], o + 2 * r, half)
+                                    plo, phi = psum[bb], psum2[bb]
+                                    for t in range(T):
+                                        h, k = np.int16(h_row[t]), np.int16(h_row1[t])
+                                        a, b = np.int16(q0[t]), np.int16(q1[t])
+                                        c, d4 = np.int16(q2[t]), np.int16(q3[t])
+                                        plo[t] = np.int16(((a & 15) | ((h & 3) << 4)) * x0
+                                                          + ((a >> 4) | ((h & 12) << 2)) * y0
+                                                          + ((b & 15) | (h & 48)) * x1
+                                                          + ((b >> 4) | ((h & 192) >> 2)) * y1)
+                                        phi[t] = np.int16(((c & 15) | ((k & 3) << 4)) * x2
+                                                          + ((c >> 4) | ((k & 12) << 2)) * y2
+                                                          + ((d4 & 15) | (k & 48)) * x3
+                                                          + ((d4 >> 4) | ((k & 192) >> 2)) * y3)
+                                    row = isum[bb]
+                                    for t in range(T):
+                                        row[t] += np.int32(plo[t]) + np.int32(phi[t])
                         for t in range(T):
-                            s1[t] = np.int32(mn[g, ib, t])
-                        for bb in range(nbt):
-                            bsum = np.int32(bsums[b0 + bb, 2 * ib]) + np.int32(
-                                bsums[b0 + bb, 2 * ib + 1])
-                            tot = itot[bb]
-                            mins = imin[bb]
-                            row = isum[bb]
+                            s0[t] = np.int32(sc[g, ib, t])
+                        if bits == 6:
+                            for bb in range(nbt):
+                                c = 32 * np.int32(bsums[b0 + bb, ib])
+                                tot = itot[bb]
+                                row = isum[bb]
+                                for t in range(T):
+                                    tot[t] += s0[t] * (row[t] - c)
+                        else:
                             for t in range(T):
-                                tot[t] += s0[t] * row[t]
-                                mins[t] += s1[t] * bsum
-                for t in range(T):
-                    dw[t] = f16_to_f32(d[g, isb, t])
-                if bits != 6:
+                                s1[t] = np.int32(mn[g, ib, t])
+                            for bb in range(nbt):
+                                bsum = np.int32(bsums[b0 + bb, 2 * ib]) + np.int32(
+                                    bsums[b0 + bb, 2 * ib + 1])
+                                tot = itot[bb]
+                                mins = imin[bb]
+                                row = isum[bb]
+                                for t in range(T):
+                                    tot[t] += s0[t] * row[t]
+                                    mins[t] += s1[t] * bsum
                     for t in range(T):
-                        mw[t] = f16_to_f32(dmin[g, isb, t])
+                        dw[t] = f16_to_f32(d[g, isb, t])
+                    if bits != 6:
+                        for t in range(T):
+                            mw[t] = f16_to_f32(dmin[g, isb, t])
+                    for bb in range(nbt):
+                        dx = xd[b0 + bb, isb]
+                        arow = acc[bb]
+                        tot = itot[bb]
+                        mins = imin[bb]
+                        for t in range(T):
+                            arow[t] += dw[t] * dx * np.float32(tot[t]) - mw[t] * dx * np.float32(mins[t])
+                rows = min(T, N - g * T)
                 for bb in range(nbt):
-                    dx = xd[b0 + bb, isb]
-                    arow = acc[bb]
-                    tot = itot[bb]
-                    mins = imin[bb]
-                    for t in range(T):
-                        arow[t] += dw[t] * dx * np.float32(tot[t]) - mw[t] * dx * np.float32(mins[t])
-            rows = min(T, N - g * T)
-            for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
+                    out[b0 + bb, g * T:g * T + rows] = acc[bb, :rows]
 
 
 @njit(inline="always")

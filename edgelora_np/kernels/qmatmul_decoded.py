@@ -45,7 +45,7 @@ from numba import njit, prange
 
 from edgelora_np.kernels.bits import f16_to_f32
 from edgelora_np.kernels.prefetch import prefetch
-from edgelora_np.kernels.scratch import empty_lines
+from edgelora_np.kernels.scratch import empty_lines, thread_parts, tile_run
 
 TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT, T] sums)
 
@@ -238,50 +238,52 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
     is_q5 = qh.shape[2] > 0
     zero = np.int16(0) if has_m else np.int16(16)
     rows = ROWS_IN_INT16_Q5_1 if has_m else ROWS_IN_INT16_Q5_0
-    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
-    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    psums = empty_lines((G, TOKEN_CHUNK, T), np.int16)
-    w16s = empty_lines((G, 32, T), np.int16)      # the decoded block, q5 or iq4nl
-    dws = empty_lines((G, T), np.float32)
-    mws = empty_lines((G, T), np.float32)
-    mws[...] = 0
-    for g in prange(G):
-        acc, isum, psum, dw, mw = accs[g], isums[g], psums[g], dws[g], mws[g]
-        for b0 in range(0, B, TOKEN_CHUNK):
-            nbt = min(TOKEN_CHUNK, B - b0)
-            acc[:nbt] = 0.0
-            for ib in range(nb):
-                ahead = min(ib + 1, nb - 1)       # the next block's bytes, as this one's go
-                prefetch(qh[g, ahead])
-                prefetch(d[g, ahead])
-                if has_m:
-                    prefetch(m[g, ahead])
-                if is_q5 and nbt == 1:
-                    _dot_q5_one_token(qs[g, ib], qs[g, ahead], qh[g, ib], zero, xq[b0], ib * 32,
-                                      rows, psum[0], isum[0])
-                elif is_q5:
-                    _decode_q5(qs[g, ib], qs[g, ahead], qh[g, ib], zero, w16s[g])
-                    _dot_int16(w16s[g], xq, b0, nbt, ib * 32, rows, psum, isum)
-                elif nbt == 1:
-                    _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0])
-                else:
-                    _decode_iq4(qs[g, ib], qs[g, ahead], w16s[g])
-                    _dot_int32(w16s[g], xq, b0, nbt, ib * 32, isum)
-                for t in range(T):
-                    dw[t] = f16_to_f32(d[g, ib, t])
-                if has_m:
+    n_parts = thread_parts(G)
+    for part in prange(n_parts):                  # a run of tiles per thread (kernels/scratch.py)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
+        isum = empty_lines((TOKEN_CHUNK, T), np.int32)
+        psum = empty_lines((TOKEN_CHUNK, T), np.int16)
+        w16 = empty_lines((32, T), np.int16)      # the decoded block, q5 or iq4nl
+        dw = empty_lines((T,), np.float32)
+        mw = empty_lines((T,), np.float32)
+        mw[...] = 0
+        first, end = tile_run(part, n_parts, G)
+        for g in range(first, end):
+            for b0 in range(0, B, TOKEN_CHUNK):
+                nbt = min(TOKEN_CHUNK, B - b0)
+                acc[:nbt] = 0.0
+                for ib in range(nb):
+                    ahead = min(ib + 1, nb - 1)       # the next block's bytes, as this one's go
+                    prefetch(qh[g, ahead])
+                    prefetch(d[g, ahead])
+                    if has_m:
+                        prefetch(m[g, ahead])
+                    if is_q5 and nbt == 1:
+                        _dot_q5_one_token(qs[g, ib], qs[g, ahead], qh[g, ib], zero, xq[b0], ib * 32,
+                                          rows, psum[0], isum[0])
+                    elif is_q5:
+                        _decode_q5(qs[g, ib], qs[g, ahead], qh[g, ib], zero, w16)
+                        _dot_int16(w16, xq, b0, nbt, ib * 32, rows, psum, isum)
+                    elif nbt == 1:
+                        _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0])
+                    else:
+                        _decode_iq4(qs[g, ib], qs[g, ahead], w16)
+                        _dot_int32(w16, xq, b0, nbt, ib * 32, isum)
                     for t in range(T):
-                        mw[t] = f16_to_f32(m[g, ib, t])
+                        dw[t] = f16_to_f32(d[g, ib, t])
+                    if has_m:
+                        for t in range(T):
+                            mw[t] = f16_to_f32(m[g, ib, t])
+                    for bb in range(nbt):
+                        dx = xd[b0 + bb, ib]
+                        sx = xs[b0 + bb, ib]
+                        arow = acc[bb]
+                        irow = isum[bb]
+                        for t in range(T):
+                            arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
+                rows_out = min(T, N - g * T)
                 for bb in range(nbt):
-                    dx = xd[b0 + bb, ib]
-                    sx = xs[b0 + bb, ib]
-                    arow = acc[bb]
-                    irow = isum[bb]
-                    for t in range(T):
-                        arow[t] += dw[t] * dx * np.float32(irow[t]) + mw[t] * sx
-            rows_out = min(T, N - g * T)
-            for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
+                    out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
 
 
 @njit(parallel=True, cache=True)
@@ -294,76 +296,78 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
     per_super = 256 // bs
     B = xq.shape[0]
     N = out.shape[1]
-    accs = empty_lines((G, TOKEN_CHUNK, T), np.float32)
-    isums = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    psums = empty_lines((G, TOKEN_CHUNK, T), np.int16)
-    itots = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    imins = empty_lines((G, TOKEN_CHUNK, T), np.int32)
-    w16s = empty_lines((G, 16, T), np.int16)
-    wiq4s = empty_lines((G, 32, T), np.int16)
-    scs = empty_lines((G, 2, T), np.int32)
-    dws = empty_lines((G, 2, T), np.float32)
-    dws[...] = 0
-    for g in prange(G):
-        acc, isum, psum, itot, imin = accs[g], isums[g], psums[g], itots[g], imins[g]
-        s, mn = scs[g, 0], scs[g, 1]                # the sub-block's scale and (Q2_K) min
-        dw, mw = dws[g, 0], dws[g, 1]               # the super-block's d and (Q2_K) dmin
-        for b0 in range(0, B, TOKEN_CHUNK):
-            nbt = min(TOKEN_CHUNK, B - b0)
-            acc[:nbt] = 0.0
-            n_super = nsub // per_super
-            for isb in range(n_super):
-                itot[:nbt] = 0
-                imin[:nbt] = 0
-                next_super = min(isb + 1, n_super - 1)     # its scales, while this one works
-                prefetch(d[g, next_super])
-                if kind == KIND_K2:
-                    prefetch(dmin[g, next_super])
-                for ib in range(isb * per_super, (isb + 1) * per_super):
-                    ahead = min(ib + 1, nsub - 1)     # the next sub-block's bytes
-                    prefetch(sc[g, ahead])
-                    if kind != KIND_IQ4XS:            # 4 rows of codes (2 KB at most): at once
-                        prefetch(qs[g, ahead])
-                        if kind == KIND_K3:
-                            prefetch(qh[g, ahead])
-                    if kind == KIND_IQ4XS and nbt == 1:
-                        _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs, isum[0])
-                    elif kind == KIND_IQ4XS:
-                        _decode_iq4(qs[g, ib], qs[g, ahead], wiq4s[g])
-                        _dot_int32(wiq4s[g], xq, b0, nbt, ib * bs, isum)
-                    elif nbt == 1:
-                        _dot_two_bit_one_token(qs[g, ib], qh[g, ib], kind == KIND_K3, xq[b0],
-                                               ib * bs, psum[0], isum[0])
-                    else:
-                        _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16s[g])
-                        _dot_int16(w16s[g], xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
+    n_parts = thread_parts(G)
+    for part in prange(n_parts):                  # a run of tiles per thread (kernels/scratch.py)
+        acc = empty_lines((TOKEN_CHUNK, T), np.float32)
+        isum = empty_lines((TOKEN_CHUNK, T), np.int32)
+        psum = empty_lines((TOKEN_CHUNK, T), np.int16)
+        itot = empty_lines((TOKEN_CHUNK, T), np.int32)
+        imin = empty_lines((TOKEN_CHUNK, T), np.int32)
+        w16 = empty_lines((16, T), np.int16)
+        wiq4 = empty_lines((32, T), np.int16)
+        scs = empty_lines((2, T), np.int32)
+        s, mn = scs[0], scs[1]                    # the sub-block's scale and (Q2_K) min
+        dws = empty_lines((2, T), np.float32)
+        dws[...] = 0
+        dw, mw = dws[0], dws[1]                   # the super-block's d and (Q2_K) dmin
+        first, end = tile_run(part, n_parts, G)
+        for g in range(first, end):
+            for b0 in range(0, B, TOKEN_CHUNK):
+                nbt = min(TOKEN_CHUNK, B - b0)
+                acc[:nbt] = 0.0
+                n_super = nsub // per_super
+                for isb in range(n_super):
+                    itot[:nbt] = 0
+                    imin[:nbt] = 0
+                    next_super = min(isb + 1, n_super - 1)     # its scales, while this one works
+                    prefetch(d[g, next_super])
+                    if kind == KIND_K2:
+                        prefetch(dmin[g, next_super])
+                    for ib in range(isb * per_super, (isb + 1) * per_super):
+                        ahead = min(ib + 1, nsub - 1)     # the next sub-block's bytes
+                        prefetch(sc[g, ahead])
+                        if kind != KIND_IQ4XS:            # 4 rows of codes (2 KB at most): at once
+                            prefetch(qs[g, ahead])
+                            if kind == KIND_K3:
+                                prefetch(qh[g, ahead])
+                        if kind == KIND_IQ4XS and nbt == 1:
+                            _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs, isum[0])
+                        elif kind == KIND_IQ4XS:
+                            _decode_iq4(qs[g, ib], qs[g, ahead], wiq4)
+                            _dot_int32(wiq4, xq, b0, nbt, ib * bs, isum)
+                        elif nbt == 1:
+                            _dot_two_bit_one_token(qs[g, ib], qh[g, ib], kind == KIND_K3, xq[b0],
+                                                   ib * bs, psum[0], isum[0])
+                        else:
+                            _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16)
+                            _dot_int16(w16, xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
+                        if kind == KIND_K2:
+                            for t in range(T):
+                                s[t] = np.int32(sc[g, ib, t] & 15)
+                                mn[t] = np.int32(sc[g, ib, t] >> 4)
+                            for bb in range(nbt):
+                                bsum = bsums[b0 + bb, ib]
+                                tot, mins, row = itot[bb], imin[bb], isum[bb]
+                                for t in range(T):
+                                    tot[t] += s[t] * row[t]
+                                    mins[t] += mn[t] * bsum
+                        else:
+                            for t in range(T):
+                                s[t] = np.int32(np.int8(sc[g, ib, t]))
+                            for bb in range(nbt):
+                                tot, row = itot[bb], isum[bb]
+                                for t in range(T):
+                                    tot[t] += s[t] * row[t]
+                    for t in range(T):
+                        dw[t] = f16_to_f32(d[g, isb, t])
                     if kind == KIND_K2:
                         for t in range(T):
-                            s[t] = np.int32(sc[g, ib, t] & 15)
-                            mn[t] = np.int32(sc[g, ib, t] >> 4)
-                        for bb in range(nbt):
-                            bsum = bsums[b0 + bb, ib]
-                            tot, mins, row = itot[bb], imin[bb], isum[bb]
-                            for t in range(T):
-                                tot[t] += s[t] * row[t]
-                                mins[t] += mn[t] * bsum
-                    else:
+                            mw[t] = f16_to_f32(dmin[g, isb, t])
+                    for bb in range(nbt):
+                        dx = xd[b0 + bb, isb]
+                        arow, tot, mins = acc[bb], itot[bb], imin[bb]
                         for t in range(T):
-                            s[t] = np.int32(np.int8(sc[g, ib, t]))
-                        for bb in range(nbt):
-                            tot, row = itot[bb], isum[bb]
-                            for t in range(T):
-                                tot[t] += s[t] * row[t]
-                for t in range(T):
-                    dw[t] = f16_to_f32(d[g, isb, t])
-                if kind == KIND_K2:
-                    for t in range(T):
-                        mw[t] = f16_to_f32(dmin[g, isb, t])
+                            arow[t] += dw[t] * dx * np.float32(tot[t]) - mw[t] * dx * np.float32(mins[t])
+                rows_out = min(T, N - g * T)
                 for bb in range(nbt):
-                    dx = xd[b0 + bb, isb]
-                    arow, tot, mins = acc[bb], itot[bb], imin[bb]
-                    for t in range(T):
-                        arow[t] += dw[t] * dx * np.float32(tot[t]) - mw[t] * dx * np.float32(mins[t])
-            rows_out = min(T, N - g * T)
-            for bb in range(nbt):
-                out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
+                    out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
