@@ -52,6 +52,15 @@ def _shrink(a_row, xr_row):
     return acc
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _shrink16(a_row, xr_row):
+    """_shrink with A's row as fp16 bits, widened as they are read (no float32 copy)."""
+    acc = np.float32(0.0)
+    for k in range(xr_row.shape[0]):
+        acc += f16_to_f32(a_row[k]) * xr_row[k]
+    return acc
+
+
 @njit(cache=True)
 def _widen(h_row, out):
     """fp16 bits -> float32, one row of the arena into a scratch row."""
@@ -120,7 +129,6 @@ def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s
         a_piece = (a_len + n_rows - 1) // n_rows
         b_piece = (b_len + n_rows - 1) // n_rows
         xr = empty_lines((K,), np.float32)
-        a32 = empty_lines((K,), np.float32)
         _round_row(x[i], xr)
         row = 0
         b_at = b_base[s]
@@ -132,8 +140,8 @@ def lora_bgmv(x, y, token_slot, token_scale, arena16, arena32, a_base, b_base, s
                 lo = min(row * b_piece, b_len)
                 prefetch(arena16[b_next + lo:b_next + min(lo + b_piece, b_len)])
                 a0 = a_base[s] + row * K
-                _widen(arena16[a0:a0 + K], a32)
-                t = round_to_f16(_shrink(a32, xr)) * arena32[s_base[s] + row] * token_scale[i]
+                t = (round_to_f16(_shrink16(arena16[a0:a0 + K], xr)) * arena32[s_base[s] + row]
+                     * token_scale[i])
                 _expand16(y[i, c0:c0 + w], t, arena16[b_at:b_at + w])
                 row += 1
                 b_at += w
