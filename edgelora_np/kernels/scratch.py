@@ -51,8 +51,9 @@ def _n_threads(typingctx):
 
     def codegen(context, builder, signature, args):
         # Declared returning intp, as Numba's parfor code declares it in the same module (one
-        # module cannot hold two declarations): writing a 32-bit result clears the upper half
-        # of the register on x86-64 and AArch64 alike.
+        # module cannot hold two declarations). The C function returns an int, computed in a
+        # 32-bit register, and a 32-bit write clears the upper half on x86-64 and AArch64
+        # alike: Numba's own parfor code relies on the same.
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []),
                                             "get_num_threads")
         return builder.call(fn, [])
