@@ -293,8 +293,9 @@ def test_matmul_scratch_does_not_grow_with_the_tiles(qtype):
     """A one-token matmul against a matrix of many tiles (the output projection's shape, cut for
     two threads into 96 tiles of 512 rows) touches no new pages call after call: each thread
     allocates its scratch once, a few KB that malloc serves from memory it holds. Scratch per
-    tile was 3-7 MB per call here, which glibc mapped afresh and faulted in on every call
-    (~1,800 pages for Q8_0; a third of a decode step's output projection went there)."""
+    tile was 3-7 MB per call here, which glibc mapped afresh and faulted in on every call: 96
+    faults per call for Q8_0, 387 for Q4_K and IQ4_XS with that code (more than half of the
+    model's one-token output projection went there, docs/benchmarks.md)."""
     import subprocess
     import sys
     from pathlib import Path
