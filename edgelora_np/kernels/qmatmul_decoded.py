@@ -172,26 +172,56 @@ def _decode_two_bit(qs_blk, qh_blk, has_h, w):
 
 @njit(inline="always")
 def _dot_two_bit_one_token(qs_blk, qh_blk, has_h, xr, o, prow, irow):
-    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over a k2/k3 sub-block of 16, decoding
-    as it goes (as _decode_two_bit) instead of storing the block: all 16 products in int16."""
+    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over a k2/k3 sub-block of 16, straight
+    from the packed bytes, without decoding the codes one by one.
+
+    Byte r of a code row holds the 2-bit codes c0..c3 of elements r, r+4, r+8, r+12 at bits 0,
+    2, 4, 6, so with x0..x3 those elements' activations
+        c0 x0 + c1 x1 + c2 x2 + c3 x3 = q x0 + (q >> 2)(x1 - 4 x0) + (q >> 4)(x2 - 4 x1)
+                                        + (q >> 6)(x3 - 4 x2)
+    (each shift's term cancels the higher codes the previous one counted): four products and
+    three constant shifts per byte, where decoding each code takes a multiply, a shift and a
+    mask of its own. Q3_K's third bits, element j's at bit j % 8 of byte j // 8, telescope the
+    same way with shifts by one, and its offset of -4 is -4 times the sum of the 16 activations.
+    The terms may wrap around in int16, but int16 arithmetic is exact modulo 2**16 and the
+    row's true sum stays within its bound: |low part| <= 16 * 3 * 128, |4 * third bits part|
+    <= 4 * 16 * 128, together 14336 < 2**15.
+    """
     T = prow.shape[0]
     prow[:] = 0
-    for j in range(16):
-        qrow = qs_blk[j & 3]
-        p = TO_BITS_67[j >> 2]
-        x = np.int16(xr[o + j])
-        if has_h:
-            hrow, ph = qh_blk[j >> 3], TO_BIT_7[j & 7]
+    for r in range(4):
+        qrow = qs_blk[r]
+        x0, x1 = np.int16(xr[o + r]), np.int16(xr[o + r + 4])
+        x2, x3 = np.int16(xr[o + r + 8]), np.int16(xr[o + r + 12])
+        a1 = np.int16(x1 - np.int16(4) * x0)
+        a2 = np.int16(x2 - np.int16(4) * x1)
+        a3 = np.int16(x3 - np.int16(4) * x2)
+        for t in range(T):
+            q = np.int16(qrow[t])
+            prow[t] = np.int16(prow[t] + q * x0 + (q >> 2) * a1 + (q >> 4) * a2 + (q >> 6) * a3)
+    offset = np.int32(0)
+    if has_h:
+        for r in range(2):
+            hrow = qh_blk[r]
+            e = o + 8 * r
+            c0 = np.int16(np.int16(4) * np.int16(xr[e]))          # 4 x: the bit's weight is 4
+            c1 = np.int16(np.int16(4) * (np.int16(xr[e + 1]) - np.int16(2) * np.int16(xr[e])))
+            c2 = np.int16(np.int16(4) * (np.int16(xr[e + 2]) - np.int16(2) * np.int16(xr[e + 1])))
+            c3 = np.int16(np.int16(4) * (np.int16(xr[e + 3]) - np.int16(2) * np.int16(xr[e + 2])))
+            c4 = np.int16(np.int16(4) * (np.int16(xr[e + 4]) - np.int16(2) * np.int16(xr[e + 3])))
+            c5 = np.int16(np.int16(4) * (np.int16(xr[e + 5]) - np.int16(2) * np.int16(xr[e + 4])))
+            c6 = np.int16(np.int16(4) * (np.int16(xr[e + 6]) - np.int16(2) * np.int16(xr[e + 5])))
+            c7 = np.int16(np.int16(4) * (np.int16(xr[e + 7]) - np.int16(2) * np.int16(xr[e + 6])))
             for t in range(T):
-                low = (np.int16(np.int16(qrow[t]) * p) >> 6) & np.int16(3)
-                high = (np.int16(np.int16(hrow[t]) * ph) >> 5) & np.int16(4)
-                prow[t] = np.int16(prow[t] + ((low | high) - 4) * x)
-        else:
-            for t in range(T):
-                prow[t] = np.int16(prow[t] + ((np.int16(np.int16(qrow[t]) * p) >> 6)
-                                              & np.int16(3)) * x)
+                h = np.int16(hrow[t])
+                prow[t] = np.int16(prow[t] + h * c0 + (h >> 1) * c1 + (h >> 2) * c2
+                                   + (h >> 3) * c3 + (h >> 4) * c4 + (h >> 5) * c5
+                                   + (h >> 6) * c6 + (h >> 7) * c7)
+        for j in range(16):
+            offset += np.int32(xr[o + j])
+        offset *= 4
     for t in range(T):
-        irow[t] = np.int32(prow[t])
+        irow[t] = np.int32(prow[t]) - offset
 
 
 @njit(inline="always")
