@@ -171,9 +171,12 @@ def _decode_two_bit(qs_blk, qh_blk, has_h, w):
 
 
 @njit(inline="always")
-def _dot_two_bit_one_token(qs_blk, qh_blk, has_h, xr, o, prow, irow):
-    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over a k2/k3 sub-block of 16, straight
-    from the packed bytes, without decoding the codes one by one.
+def _two_bit_one_token(qs_blk, qh_blk, sc_row, has_h, xr, o, bsum, prow, tot, mins):
+    """One token over a k2/k3 sub-block of 16: its integer sum isum[t] = sum_j q[j, t] *
+    xr[o + j] taken straight from the packed bytes, without decoding the codes one by one, and
+    added to the super-block's sums at once, weighted by the sub-block's scale from its byte in
+    sc_row: tot[t] += scale * isum[t], and for Q2_K mins[t] += min * bsum (the activations'
+    sum over the sub-block). One pass over the tile's rows after the products, not four.
 
     Byte r of a code row holds the 2-bit codes c0..c3 of elements r, r+4, r+8, r+12 at bits 0,
     2, 4, 6, so with x0..x3 those elements' activations
@@ -182,7 +185,7 @@ def _dot_two_bit_one_token(qs_blk, qh_blk, has_h, xr, o, prow, irow):
     (each shift's term cancels the higher codes the previous one counted): four products and
     three constant shifts per byte, where decoding each code takes a multiply, a shift and a
     mask of its own. Q3_K's third bits, element j's at bit j % 8 of byte j // 8, telescope the
-    same way with shifts by one, and its offset of -4 is -4 times the sum of the 16 activations.
+    same way with shifts by one, and its offset of -4 is -4 times bsum.
     The terms may wrap around in int16, but int16 arithmetic is exact modulo 2**16 and the
     row's true sum stays within its bound: |low part| <= 16 * 3 * 128, |4 * third bits part|
     <= 4 * 16 * 128, together 14336 < 2**15.
@@ -199,7 +202,6 @@ def _dot_two_bit_one_token(qs_blk, qh_blk, has_h, xr, o, prow, irow):
         for t in range(T):
             q = np.int16(qrow[t])
             prow[t] = np.int16(prow[t] + q * x0 + (q >> 2) * a1 + (q >> 4) * a2 + (q >> 6) * a3)
-    offset = np.int32(0)
     if has_h:
         for r in range(2):
             hrow = qh_blk[r]
@@ -217,11 +219,14 @@ def _dot_two_bit_one_token(qs_blk, qh_blk, has_h, xr, o, prow, irow):
                 prow[t] = np.int16(prow[t] + h * c0 + (h >> 1) * c1 + (h >> 2) * c2
                                    + (h >> 3) * c3 + (h >> 4) * c4 + (h >> 5) * c5
                                    + (h >> 6) * c6 + (h >> 7) * c7)
-        for j in range(16):
-            offset += np.int32(xr[o + j])
-        offset *= 4
-    for t in range(T):
-        irow[t] = np.int32(prow[t]) - offset
+        offset = np.int32(4) * np.int32(bsum)
+        for t in range(T):
+            tot[t] += np.int32(np.int8(sc_row[t])) * (np.int32(prow[t]) - offset)
+    else:
+        for t in range(T):
+            b = np.int32(sc_row[t])
+            tot[t] += (b & 15) * np.int32(prow[t])
+            mins[t] += (b >> 4) * bsum
 
 
 @njit(inline="always")
@@ -316,6 +321,30 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
                     out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
 
 
+@njit(inline="always")
+def _add_sub_block(kind, sc_row, bsum, isum, itot, imin, s, mn):
+    """A sub-block's integer sums isum [nbt, T] into its super-block's, weighted by its scales:
+    itot += scale * isum, and for Q2_K imin += min * bsum (bsum [nbt]: each token's activation
+    sum over the sub-block). s, mn [T] int32 are scratch."""
+    T = s.shape[0]
+    if kind == KIND_K2:
+        for t in range(T):
+            s[t] = np.int32(sc_row[t] & 15)
+            mn[t] = np.int32(sc_row[t] >> 4)
+        for bb in range(bsum.shape[0]):
+            tot, mins, row = itot[bb], imin[bb], isum[bb]
+            for t in range(T):
+                tot[t] += s[t] * row[t]
+                mins[t] += mn[t] * bsum[bb]
+    else:
+        for t in range(T):
+            s[t] = np.int32(np.int8(sc_row[t]))
+        for bb in range(bsum.shape[0]):
+            tot, row = itot[bb], isum[bb]
+            for t in range(T):
+                tot[t] += s[t] * row[t]
+
+
 @njit(parallel=True, cache=True)
 def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
     """out [B, N] for a k2, k3 or iq4xs W (`kind` one of KIND_*), against q8_K activations
@@ -360,34 +389,22 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                             prefetch(qs[g, ahead])
                             if kind == KIND_K3:
                                 prefetch(qh[g, ahead])
-                        if kind == KIND_IQ4XS and nbt == 1:
-                            _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs, isum[0])
-                        elif kind == KIND_IQ4XS:
-                            _decode_iq4(qs[g, ib], qs[g, ahead], wiq4)
-                            _dot_int32(wiq4, xq, b0, nbt, ib * bs, isum)
-                        elif nbt == 1:
-                            _dot_two_bit_one_token(qs[g, ib], qh[g, ib], kind == KIND_K3, xq[b0],
-                                                   ib * bs, psum[0], isum[0])
+                        if kind != KIND_IQ4XS and nbt == 1:   # adds its sums itself
+                            _two_bit_one_token(qs[g, ib], qh[g, ib], sc[g, ib], kind == KIND_K3,
+                                               xq[b0], ib * bs, bsums[b0, ib], psum[0], itot[0],
+                                               imin[0])
                         else:
-                            _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16)
-                            _dot_int16(w16, xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
-                        if kind == KIND_K2:
-                            for t in range(T):
-                                s[t] = np.int32(sc[g, ib, t] & 15)
-                                mn[t] = np.int32(sc[g, ib, t] >> 4)
-                            for bb in range(nbt):
-                                bsum = bsums[b0 + bb, ib]
-                                tot, mins, row = itot[bb], imin[bb], isum[bb]
-                                for t in range(T):
-                                    tot[t] += s[t] * row[t]
-                                    mins[t] += mn[t] * bsum
-                        else:
-                            for t in range(T):
-                                s[t] = np.int32(np.int8(sc[g, ib, t]))
-                            for bb in range(nbt):
-                                tot, row = itot[bb], isum[bb]
-                                for t in range(T):
-                                    tot[t] += s[t] * row[t]
+                            if kind == KIND_IQ4XS and nbt == 1:
+                                _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs,
+                                                   isum[0])
+                            elif kind == KIND_IQ4XS:
+                                _decode_iq4(qs[g, ib], qs[g, ahead], wiq4)
+                                _dot_int32(wiq4, xq, b0, nbt, ib * bs, isum)
+                            else:
+                                _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16)
+                                _dot_int16(w16, xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
+                            _add_sub_block(kind, sc[g, ib], bsums[b0:b0 + nbt, ib], isum, itot,
+                                           imin, s, mn)
                     for t in range(T):
                         dw[t] = f16_to_f32(d[g, isb, t])
                     if kind == KIND_K2:
