@@ -1,19 +1,21 @@
-"""Matmul kernels for the types whose codes are decoded per block before the integer dot product:
-Q5_0, Q5_1 and IQ4_NL (32-blocks), Q2_K, Q3_K and IQ4_XS (256-blocks).
+"""Matmul kernels for the types whose codes take more than a mask to read: Q5_0, Q5_1 and
+IQ4_NL (32-blocks), Q2_K, Q3_K and IQ4_XS (256-blocks).
 
     y [B, N] = x [B, K] @ W[N, K].T
 
 Rows are tiled as in kernels/qmatmul.py (T rows interleaved, the inner loop over them). For one
-block of one tile, the kernel first turns the stored bits into the block's small signed integer
-weights, w [bs, T] int16 (shifts and masks; for the IQ4 types, ggml's 16 levels kvalues_iq4nl,
-computed from the code by a quartic in 16-bit arithmetic, not looked up: see _iq4_level), then
-every token of the chunk takes its exact integer dot product with them. The decode is paid once
-per block and tile and shared by the batch; weights stay at file size in memory and are never
-widened to float. With one token there is nothing to share, and every type here decodes as it
-multiplies instead, without storing the block. Where the products are small (Q5_0/Q5_1:
-|w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127), 16 rows are summed in int16 lanes before
-widening, as matmul_q4 does; the IQ4 levels reach 127, so only the two products of one code
-byte share an int16 sum at one token, and with more tokens the sums are int32 from the start.
+block of one tile, the Q5 and IQ4 kernels first turn the stored bits into the block's small
+signed integer weights, w [bs, T] int16 (shifts and masks; for the IQ4 types, ggml's 16 levels
+kvalues_iq4nl, computed from the code by a quartic in 16-bit arithmetic, not looked up: see
+_iq4_level), then every token of the chunk takes its exact integer dot product with them. The
+decode is paid once per block and tile and shared by the batch; weights stay at file size in
+memory and are never widened to float. With one token there is nothing to share, and they
+decode as they multiply instead, without storing the block. Q2_K and Q3_K never decode: each
+token takes its products straight from the packed bytes (_two_bit_token), whatever the batch.
+Where the products are small (Q5_0/Q5_1: |w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127),
+8 to 16 rows are summed in int16 lanes before widening, as matmul_q4 does; the IQ4 levels
+reach 127, so only the two products of one code byte share an int16 sum at one token, and with
+more tokens the sums are int32 from the start.
 
 Packed layouts, G = ceil(N / T) tiles, sub-blocks of bs elements:
     q5     (Q5_0, Q5_1; bs 32)
@@ -53,15 +55,14 @@ TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT,
 KIND_K2, KIND_K3, KIND_IQ4XS = 2, 3, 4
 
 # Rows of products summed in int16 before widening, per weight range (|x| <= 127):
-# Q5_0 |w| <= 16: 16 * 16 * 127 = 32512;  Q5_1 w <= 31: 8 * 31 * 127 = 31496;
-# Q2_K, Q3_K |w| <= 4: a whole sub-block of 16 rows, 16 * 4 * 127 = 8128.  All < 2**15.
-ROWS_IN_INT16_Q5_0, ROWS_IN_INT16_Q5_1, ROWS_IN_INT16_K = 16, 8, 16
+# Q5_0 |w| <= 16: 16 * 16 * 127 = 32512;  Q5_1 w <= 31: 8 * 31 * 127 = 31496.  Both < 2**15.
+# (Q2_K and Q3_K sum a whole sub-block of 16 in int16: _two_bit_token.)
+ROWS_IN_INT16_Q5_0, ROWS_IN_INT16_Q5_1 = 16, 8
 
-# Multipliers that move bit s of a byte to bit 7 (TO_BIT_7[s]) and bits 2i..2i+1 to bits 6..7
-# (TO_BITS_67[i]) in 16-bit lanes. A shift by a loop-invariant but non-constant amount makes
-# LLVM widen the whole loop to 64-bit lanes; a multiply read from a table stays in 16-bit ones.
+# Multipliers that move bit s of a byte to bit 7 (TO_BIT_7[s]) in 16-bit lanes. A shift by a
+# loop-invariant but non-constant amount makes LLVM widen the whole loop to 64-bit lanes; a
+# multiply read from a table stays in 16-bit ones.
 TO_BIT_7 = np.array([1 << (7 - s) for s in range(8)], np.int16)
-TO_BITS_67 = np.array([1 << (6 - 2 * i) for i in range(4)], np.int16)
 
 
 @njit(inline="always")
@@ -153,30 +154,14 @@ def _dot_iq4_one_token(qs_blk, ahead, xr, o, irow):
 
 
 @njit(inline="always")
-def _decode_two_bit(qs_blk, qh_blk, has_h, w):
-    """One k2 or k3 sub-block of 16 of a tile -> w [16, T] int16 (k3 when has_h)."""
-    T = w.shape[1]
-    for j in range(16):
-        qrow = qs_blk[j & 3]
-        p = TO_BITS_67[j >> 2]                                # element j: bits 2(j // 4)..
-        if has_h:
-            hrow, ph = qh_blk[j >> 3], TO_BIT_7[j & 7]       # third bit: bit j % 8
-            for t in range(T):
-                low = (np.int16(np.int16(qrow[t]) * p) >> 6) & np.int16(3)
-                high = (np.int16(np.int16(hrow[t]) * ph) >> 5) & np.int16(4)
-                w[j, t] = np.int16((low | high) - 4)
-        else:
-            for t in range(T):
-                w[j, t] = (np.int16(np.int16(qrow[t]) * p) >> 6) & np.int16(3)
-
-
-@njit(inline="always")
-def _two_bit_one_token(qs_blk, qh_blk, sc_row, has_h, xr, o, bsum, prow, tot, mins):
+def _two_bit_token(qs_blk, qh_blk, sc_row, has_h, xr, o, bsum, prow, tot, mins):
     """One token over a k2/k3 sub-block of 16: its integer sum isum[t] = sum_j q[j, t] *
     xr[o + j] taken straight from the packed bytes, without decoding the codes one by one, and
     added to the super-block's sums at once, weighted by the sub-block's scale from its byte in
     sc_row: tot[t] += scale * isum[t], and for Q2_K mins[t] += min * bsum (the activations'
     sum over the sub-block). One pass over the tile's rows after the products, not four.
+    Every token of a batch takes this too: it beat decoding the block once into int16 weights
+    shared by the batch (1.3-1.6x at 16 and 64 tokens, docs/benchmarks.md).
 
     Byte r of a code row holds the 2-bit codes c0..c3 of elements r, r+4, r+8, r+12 at bits 0,
     2, 4, 6, so with x0..x3 those elements' activations
@@ -321,30 +306,6 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
                     out[b0 + bb, g * T:g * T + rows_out] = acc[bb, :rows_out]
 
 
-@njit(inline="always")
-def _add_sub_block(kind, sc_row, bsum, isum, itot, imin, s, mn):
-    """A sub-block's integer sums isum [nbt, T] into its super-block's, weighted by its scales:
-    itot += scale * isum, and for Q2_K imin += min * bsum (bsum [nbt]: each token's activation
-    sum over the sub-block). s, mn [T] int32 are scratch."""
-    T = s.shape[0]
-    if kind == KIND_K2:
-        for t in range(T):
-            s[t] = np.int32(sc_row[t] & 15)
-            mn[t] = np.int32(sc_row[t] >> 4)
-        for bb in range(bsum.shape[0]):
-            tot, mins, row = itot[bb], imin[bb], isum[bb]
-            for t in range(T):
-                tot[t] += s[t] * row[t]
-                mins[t] += mn[t] * bsum[bb]
-    else:
-        for t in range(T):
-            s[t] = np.int32(np.int8(sc_row[t]))
-        for bb in range(bsum.shape[0]):
-            tot, row = itot[bb], isum[bb]
-            for t in range(T):
-                tot[t] += s[t] * row[t]
-
-
 @njit(parallel=True, cache=True)
 def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
     """out [B, N] for a k2, k3 or iq4xs W (`kind` one of KIND_*), against q8_K activations
@@ -362,10 +323,8 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
         psum = empty_lines((TOKEN_CHUNK, T), np.int16)
         itot = empty_lines((TOKEN_CHUNK, T), np.int32)
         imin = empty_lines((TOKEN_CHUNK, T), np.int32)
-        w16 = empty_lines((16, T), np.int16)
         wiq4 = empty_lines((32, T), np.int16)
-        scs = empty_lines((2, T), np.int32)
-        s, mn = scs[0], scs[1]                    # the sub-block's scale and (Q2_K) min
+        s = empty_lines((T,), np.int32)           # an IQ4_XS sub-block's scales
         dws = empty_lines((2, T), np.float32)
         dws[...] = 0
         dw, mw = dws[0], dws[1]                   # the super-block's d and (Q2_K) dmin
@@ -389,22 +348,24 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                             prefetch(qs[g, ahead])
                             if kind == KIND_K3:
                                 prefetch(qh[g, ahead])
-                        if kind != KIND_IQ4XS and nbt == 1:   # adds its sums itself
-                            _two_bit_one_token(qs[g, ib], qh[g, ib], sc[g, ib], kind == KIND_K3,
-                                               xq[b0], ib * bs, bsums[b0, ib], psum[0], itot[0],
-                                               imin[0])
-                        else:
-                            if kind == KIND_IQ4XS and nbt == 1:
+                        if kind == KIND_IQ4XS:
+                            if nbt == 1:
                                 _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs,
                                                    isum[0])
-                            elif kind == KIND_IQ4XS:
+                            else:
                                 _decode_iq4(qs[g, ib], qs[g, ahead], wiq4)
                                 _dot_int32(wiq4, xq, b0, nbt, ib * bs, isum)
-                            else:
-                                _decode_two_bit(qs[g, ib], qh[g, ib], kind == KIND_K3, w16)
-                                _dot_int16(w16, xq, b0, nbt, ib * bs, ROWS_IN_INT16_K, psum, isum)
-                            _add_sub_block(kind, sc[g, ib], bsums[b0:b0 + nbt, ib], isum, itot,
-                                           imin, s, mn)
+                            for t in range(T):
+                                s[t] = np.int32(np.int8(sc[g, ib, t]))
+                            for bb in range(nbt):
+                                tot, row = itot[bb], isum[bb]
+                                for t in range(T):
+                                    tot[t] += s[t] * row[t]
+                        else:                             # adds its sums itself
+                            for bb in range(nbt):
+                                _two_bit_token(qs[g, ib], qh[g, ib], sc[g, ib], kind == KIND_K3,
+                                               xq[b0 + bb], ib * bs, bsums[b0 + bb, ib],
+                                               psum[0], itot[bb], imin[bb])
                     for t in range(T):
                         dw[t] = f16_to_f32(d[g, isb, t])
                     if kind == KIND_K2:
