@@ -217,34 +217,41 @@ def _two_bit_token(qs_blk, qh_blk, sc_row, has_h, xr, o, bsum, prow, tot, mins):
 @njit(inline="always")
 def _dot_int16(w, xq, b0, nbt, o, rows, psum, isum):
     """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j], exactly: `rows` rows at a time in int16
-    (psum), then widened."""
+    (psum), then widened. Four rows per pass over the tile's rows (rows is a multiple of 4),
+    so the partial sums are loaded and stored once per four products, not once per product."""
     bs, T = w.shape
     for bb in range(nbt):
         irow, prow = isum[bb], psum[bb]
+        xr = xq[b0 + bb, o:]
         irow[:] = 0
         for j0 in range(0, bs, rows):
             prow[:] = 0
-            for j in range(j0, j0 + rows):
-                x = np.int16(xq[b0 + bb, o + j])
-                wrow = w[j]
+            for j in range(j0, j0 + rows, 4):
+                x0, x1 = np.int16(xr[j]), np.int16(xr[j + 1])
+                x2, x3 = np.int16(xr[j + 2]), np.int16(xr[j + 3])
+                w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
                 for t in range(T):
-                    prow[t] = np.int16(prow[t] + wrow[t] * x)
+                    prow[t] = np.int16(prow[t] + w0[t] * x0 + w1[t] * x1 + w2[t] * x2
+                                       + w3[t] * x3)
             for t in range(T):
                 irow[t] += np.int32(prow[t])
 
 
 @njit(inline="always")
 def _dot_int32(w, xq, b0, nbt, o, isum):
-    """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j] in int32."""
+    """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j] in int32, four rows per pass (bs is a
+    multiple of 4)."""
     bs, T = w.shape
     for bb in range(nbt):
         row = isum[bb]
+        xr = xq[b0 + bb, o:]
         row[:] = 0
-        for j in range(bs):
-            x = np.int32(xq[b0 + bb, o + j])
-            wrow = w[j]
+        for j in range(0, bs, 4):
+            x0, x1 = np.int32(xr[j]), np.int32(xr[j + 1])
+            x2, x3 = np.int32(xr[j + 2]), np.int32(xr[j + 3])
+            w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
             for t in range(T):
-                row[t] += wrow[t] * x
+                row[t] += w0[t] * x0 + w1[t] * x1 + w2[t] * x2 + w3[t] * x3
 
 
 @njit(parallel=True, cache=True)
