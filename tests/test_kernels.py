@@ -148,7 +148,7 @@ def test_matmul_is_batch_invariant(qtype):
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, TOKEN_CHUNK + 1])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     """Every code 15 against activations quantized to +-127: the largest integer block sums
@@ -164,6 +164,20 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     expected = sign * cols * (15 if qtype == QT.Q4_1 else 7)            # Q4_0: w = q - 8
     assert np.allclose(ours, pack.matmul_ref(w, x), rtol=1e-6, atol=0)
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows, tile", [(10, 16), (40, 48), (64, 64), (100, 112)])
+def test_q4_batched_sums_over_tile_widths(qtype, rows, tile):
+    """The batched q4 block sums (on x86, kernels/bytedot.py's byte pairs, taken 32 tile rows
+    at a time and 16 for a tile's last rows) against the reference, on one thread's tiles of
+    16, 48, 64 and 112 rows: the 16-row tail alone, after whole 32s, and none."""
+    w = packed(qtype, rows, 256, seed=rows, n_threads=1)
+    assert w.qs.shape[-1] == tile
+    x = np.random.default_rng(rows).standard_normal((TOKEN_CHUNK + 3, 256)).astype(np.float32)
+    ours = pack.matmul(w, x)
+    ref = pack.matmul_ref(w, x)
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def _kernel_assembly(kernel: str) -> str:
@@ -207,6 +221,26 @@ def test_integer_products_are_taken_in_16_bit_lanes(kernel):
     else:
         found = sorted(set(re.findall(r"\b(vpmul\w+|vpmadd\w+)\b", asm)))
         assert "vpmullw" in found, f"vector multiplies: {found}"
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")
+def test_batched_q4_multiplies_byte_pairs_on_x86():
+    """kernels/bytedot.py: on x86-64 the batched q4 sums compile to `vpmaddubsw` (or SSSE3's
+    `pmaddubsw`); its IR shape is easy to lose (a broadcast where a load was, a value carried
+    across a loop), and then the sums are still right, only slow. AArch64 does not take the
+    byte-pair form at all (it would cost ~50 instructions per 64 products there)."""
+    import platform
+
+    from edgelora_np.kernels import bytedot
+
+    machine = platform.machine()
+    if machine == "aarch64":
+        assert not bytedot.PAIR_MADD
+        return
+    if machine != "x86_64":
+        pytest.skip(f"no expectation written down for {machine}")
+    assert bytedot.PAIR_MADD
+    assert "pmaddubsw" in _kernel_assembly("matmul_q4")
 
 
 @pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")

@@ -14,7 +14,9 @@ Forms (all exact integer arithmetic):
   partial-reduce u8 x s8   the same, the weights unsigned (a q4 nibble), the activations signed
   pair i16 -> i32          even/odd int16 lanes times a broadcast pair of activations, summed
                            into int32 (what `vpdpwssd`/`pmaddwd` compute)
-  i16 mul-add              today's kernels: int16 products added in int16 lanes
+  pair u8 x s8 -> i16       even and odd bytes widened, multiplied, each pair added, clamped
+                           to int16: the shape of kernels/bytedot.py (x86's `pmaddubsw`)
+  i16 mul-add              the other kernels: int16 products added in int16 lanes
 """
 
 from __future__ import annotations
@@ -67,6 +69,33 @@ define <{n} x i32> @f(<{n} x i32> %acc, <{2 * n} x i16> %w, i32 %pair) {{
 """
 
 
+def pair_u8s8(n: int = 32) -> str:
+    even = ", ".join(f"i32 {2 * i}" for i in range(n))
+    odd = ", ".join(f"i32 {2 * i + 1}" for i in range(n))
+    return f"""
+define <{n} x i16> @f(<{n} x i16> %acc, <{2 * n} x i8> %w, <{2 * n} x i8> %x) {{
+  %we = shufflevector <{2 * n} x i8> %w, <{2 * n} x i8> poison, <{n} x i32> <{even}>
+  %wo = shufflevector <{2 * n} x i8> %w, <{2 * n} x i8> poison, <{n} x i32> <{odd}>
+  %xe = shufflevector <{2 * n} x i8> %x, <{2 * n} x i8> poison, <{n} x i32> <{even}>
+  %xo = shufflevector <{2 * n} x i8> %x, <{2 * n} x i8> poison, <{n} x i32> <{odd}>
+  %a = zext <{n} x i8> %we to <{n} x i32>
+  %b = zext <{n} x i8> %wo to <{n} x i32>
+  %c = sext <{n} x i8> %xe to <{n} x i32>
+  %d = sext <{n} x i8> %xo to <{n} x i32>
+  %m0 = mul <{n} x i32> %a, %c
+  %m1 = mul <{n} x i32> %b, %d
+  %s = add <{n} x i32> %m0, %m1
+  %lo = call <{n} x i32> @llvm.smax.v{n}i32(<{n} x i32> %s, <{n} x i32> splat (i32 -32768))
+  %hi = call <{n} x i32> @llvm.smin.v{n}i32(<{n} x i32> %lo, <{n} x i32> splat (i32 32767))
+  %t = trunc <{n} x i32> %hi to <{n} x i16>
+  %r = add <{n} x i16> %acc, %t
+  ret <{n} x i16> %r
+}}
+declare <{n} x i32> @llvm.smax.v{n}i32(<{n} x i32>, <{n} x i32>)
+declare <{n} x i32> @llvm.smin.v{n}i32(<{n} x i32>, <{n} x i32>)
+"""
+
+
 def mul_add_i16(n: int = 32) -> str:
     return f"""
 define <{n} x i16> @f(<{n} x i16> %acc, <{n} x i16> %w, i16 %x) {{
@@ -84,6 +113,7 @@ FORMS = {
     "partial-reduce s8 x s8, 64 bytes": partial_reduce(64, "sext"),
     "partial-reduce u8 x s8, 64 bytes": partial_reduce(64, "zext"),
     "pair i16 -> i32, 32 products": pair_i16(),
+    "pair u8 x s8 -> i16, 64 products": pair_u8s8(),
     "i16 mul-add, 32 products": mul_add_i16(),
 }
 

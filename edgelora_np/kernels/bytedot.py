@@ -1,0 +1,149 @@
+"""Byte dot products for the batched q4 kernels, where the target has an instruction for them.
+
+x86 has one: `pmaddubsw` (SSSE3; `vpmaddubsw` on AVX2 and AVX-512BW) multiplies unsigned bytes
+by signed bytes and adds each adjacent pair of products into an int16 lane: 64 products per
+512-bit instruction, where the int16 multiply-add the kernels otherwise use (`vpmullw`, then
+`vpaddw`) takes two instructions for 32. LLVM selects `pmaddubsw` from target-independent IR of
+one shape: the even and the odd bytes of two vectors, widened (the weights unsigned, the
+activations signed), multiplied, each pair added, clamped to int16 and truncated. Numba never
+writes that shape for a loop, so pair_madd8 emits it itself (an @intrinsic, as
+kernels/prefetch.py and kernels/bits.py do). No x86 intrinsic is named: the IR is the same for
+every target, and the SelectionDAG only matches it within one basic block, so each call
+loads, multiplies and stores.
+
+On AArch64 LLVM makes about 50 instructions of the same IR per 64 products (NEON has no
+pairwise byte multiply-add; its byte dot product, `sdot`, sums groups of four and would need
+another layout), against 8 `mla` for the int16 form. So the pair form is used only where the
+host is x86-64 (PAIR_MADD), and AArch64 keeps the int16 multiply-adds.
+`python tools/probe_dot_products.py` prints what each form becomes on Zen 5, Cortex-A76 and
+Cortex-A72; tests/test_kernels.py reads the instructions of a compiled kernel.
+
+The layout (kernels/qmatmul.py, _q4_block_sums_pairs): a 32-block's 16 code rows unpacked into
+byte pairs, lows and highs [8, 2T] uint8: lows[p] holds, for each tile row t, the low nibbles
+of code rows 2p and 2p+1 at bytes 2t and 2t+1 (elements 2p and 2p+1 of the block), highs[p]
+their high nibbles (elements 16+2p and 17+2p). One token's activation pairs go to xs [16, 32]
+int16: row p < 8 the pair lows[p] multiplies, row 8+p the pair highs[p] multiplies, each
+repeated across the row. They are stored, not broadcast in registers: LLVM's middle end turns
+a broadcast pair into two per-byte broadcasts, and then the backend no longer sees the shape.
+(lows and highs are separate allocations: one [16, 2T] array, the highs eight rows after the
+lows, ran the kernel at half the speed on the Zen 5 VM, for reasons of cache placement we
+could not see without hardware counters.)
+"""
+
+import platform
+
+from llvmlite import ir
+from numba import config as numba_config
+from numba import types
+from numba.extending import intrinsic
+
+I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+PAIR_ROWS = 32              # tile rows per pair_madd8 call: 64 bytes of pairs, 32 int16 sums
+
+
+def _has_pair_madd() -> bool:
+    if numba_config.DISABLE_JIT or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    import llvmlite.binding as llvm
+    return "ssse3" in llvm.get_host_cpu_features().flatten()
+
+
+PAIR_MADD = _has_pair_madd()
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _c_contiguous(*arrays) -> bool:
+    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+
+
+class _Array:
+    """An array argument inside codegen: its first byte and its row stride in bytes."""
+
+    def __init__(self, context, builder, array_type, value):
+        a = context.make_array(array_type)(context, builder, value)
+        self.base = builder.bitcast(a.data, I8.as_pointer())
+        self.row_stride = builder.extract_value(a.strides, 0)
+
+
+def _at(builder, base, offset, vector_type):
+    """A pointer to a vector_type at byte `offset` from `base`."""
+    return builder.bitcast(builder.gep(base, [offset]), vector_type.as_pointer())
+
+
+def _const(value, like):
+    return ir.Constant(like.type, value)
+
+
+@intrinsic
+def splat_pair(typingctx, xs, row, xq, token, offset):
+    """xs[row, :] = the int16 whose bytes are xq[token, offset] and xq[token, offset + 1]
+    (int8 activations)."""
+    if not (_c_contiguous(xs, xq) and xs.dtype == types.int16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        xs_a, row, xq_a, token, offset = args
+        src = _Array(context, builder, signature.args[2], xq_a)
+        dst = _Array(context, builder, signature.args[0], xs_a)
+        pair = builder.load(_at(builder, src.base, builder.add(builder.mul(token, src.row_stride), offset),
+                                I16), align=1)
+        v = builder.insert_element(ir.Constant(_vec(I16, PAIR_ROWS), None), pair, ir.Constant(I32, 0))
+        v = builder.shuffle_vector(v, v, ir.Constant(_vec(I32, PAIR_ROWS), [0] * PAIR_ROWS))
+        builder.store(v, _at(builder, dst.base, builder.mul(row, _const(2 * PAIR_ROWS, row)), v.type),
+                      align=2)
+        return context.get_dummy_value()
+
+    return types.void(xs, types.intp, xq, types.intp, types.intp), codegen
+
+
+def _pair_madd8(rows):
+    @intrinsic
+    def pair_madd8(typingctx, isum, token, t0, pairs, xs, first):
+        """isum[token, t0 + i] += sum over p < 8 of pairs[p, 2(t0+i)] * (the low byte of
+        xs[first + p]) + pairs[p, 2(t0+i) + 1] * (its high byte), for i < rows. xs's rows are
+        PAIR_ROWS int16 long, a constant, so its loads take fixed offsets. The eight pair sums
+        are added in int16 (each at most 2 * 15 * 128 = 3840 in magnitude, all eight 30720 <
+        2**15), then widened to int32."""
+        if not (_c_contiguous(isum, pairs, xs) and xs.dtype == types.int16):
+            return None
+
+        def codegen(context, builder, signature, args):
+            isum_a, token, t0, pairs_a, xs_a, first = args
+            acc, w_rows, x_rows = (_Array(context, builder, signature.args[i], args[i]) for i in (0, 3, 4))
+            x_stride = 2 * PAIR_ROWS
+            bytes_, wide = _vec(I8, 2 * rows), _vec(I32, rows)
+            even = ir.Constant(_vec(I32, rows), [2 * i for i in range(rows)])
+            odd = ir.Constant(_vec(I32, rows), [2 * i + 1 for i in range(rows)])
+            low, high = ir.Constant(wide, [-32768] * rows), ir.Constant(wide, [32767] * rows)
+
+            def halves(v, widen):               # even bytes, odd bytes, each widened to int32
+                return (widen(builder.shuffle_vector(v, v, even), wide),
+                        widen(builder.shuffle_vector(v, v, odd), wide))
+
+            col = builder.mul(t0, _const(2, t0))
+            total = None
+            for p in range(8):
+                w_at = builder.add(builder.mul(w_rows.row_stride, _const(p, t0)), col)
+                x_at = builder.mul(builder.add(first, _const(p, first)), _const(x_stride, first))
+                w0, w1 = halves(builder.load(_at(builder, w_rows.base, w_at, bytes_), align=1), builder.zext)
+                x0, x1 = halves(builder.load(_at(builder, x_rows.base, x_at, bytes_), align=1), builder.sext)
+                s = builder.add(builder.mul(w0, x0), builder.mul(w1, x1))
+                s = builder.select(builder.icmp_signed("<", s, low), low, s)      # never clamps;
+                s = builder.select(builder.icmp_signed(">", s, high), high, s)    # part of the shape
+                s = builder.trunc(s, _vec(I16, rows))
+                total = s if total is None else builder.add(total, s)
+            dst = _at(builder, acc.base,
+                      builder.add(builder.mul(token, acc.row_stride), builder.mul(t0, _const(4, t0))), wide)
+            builder.store(builder.add(builder.load(dst, align=4), builder.sext(total, wide)), dst, align=4)
+            return context.get_dummy_value()
+
+        return types.void(isum, types.intp, types.intp, pairs, xs, types.intp), codegen
+
+    return pair_madd8
+
+
+pair_madd8 = _pair_madd8(PAIR_ROWS)             # 32 tile rows
+pair_madd8_half = _pair_madd8(PAIR_ROWS // 2)   # 16: a tile's last rows when T % 32 == 16
