@@ -166,12 +166,14 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K],
+                         ids=lambda t: t.name)
 @pytest.mark.parametrize("rows, tile", [(10, 16), (40, 48), (64, 64), (100, 112)])
-def test_q4_batched_sums_over_tile_widths(qtype, rows, tile):
-    """The batched q4 block sums (on x86, kernels/bytedot.py's byte pairs, taken 32 tile rows
-    at a time and 16 for a tile's last rows) against the reference, on one thread's tiles of
-    16, 48, 64 and 112 rows: the 16-row tail alone, after whole 32s, and none."""
+def test_batched_pair_sums_over_tile_widths(qtype, rows, tile):
+    """The batched block sums of the 4-, 5- and 6-bit codes (on x86, kernels/bytedot.py's
+    byte pairs, taken 32 tile rows at a time and 16 for a tile's last rows) against the
+    reference, on one thread's tiles of 16, 48, 64 and 112 rows: the 16-row tail alone, after
+    whole 32s, and none."""
     w = packed(qtype, rows, 256, seed=rows, n_threads=1)
     assert w.qs.shape[-1] == tile
     x = np.random.default_rng(rows).standard_normal((TOKEN_CHUNK + 3, 256)).astype(np.float32)

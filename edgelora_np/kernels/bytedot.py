@@ -99,14 +99,15 @@ def splat_pair(typingctx, xs, row, xq, token, offset):
     return types.void(xs, types.intp, xq, types.intp, types.intp), codegen
 
 
-def _pair_madd8(rows):
+def _pair_madd(rows, n_pairs, group):
     @intrinsic
-    def pair_madd8(typingctx, isum, token, t0, pairs, xs, first):
-        """isum[token, t0 + i] += sum over p < 8 of pairs[p, 2(t0+i)] * (the low byte of
+    def pair_madd(typingctx, isum, token, t0, pairs, xs, first):
+        """isum[token, t0 + i] += sum over p < n_pairs of pairs[p, 2(t0+i)] * (the low byte of
         xs[first + p]) + pairs[p, 2(t0+i) + 1] * (its high byte), for i < rows. xs's rows are
-        PAIR_ROWS int16 long, a constant, so its loads take fixed offsets. The eight pair sums
-        are added in int16 (each at most 2 * 15 * 128 = 3840 in magnitude, all eight 30720 <
-        2**15), then widened to int32."""
+        PAIR_ROWS int16 long, a constant, so its loads take fixed offsets. `group` pair sums
+        at a time are added in int16, then widened to int32: the caller's codes bound them
+        (q4: 8 pairs of at most 2 * 15 * 128 = 3840 in magnitude, 30720 < 2**15; 5-bit
+        codes 4 pairs of 7936; 6-bit codes 2 of 16128)."""
         if not (_c_contiguous(isum, pairs, xs) and xs.dtype == types.int16):
             return None
 
@@ -124,8 +125,8 @@ def _pair_madd8(rows):
                         widen(builder.shuffle_vector(v, v, odd), wide))
 
             col = builder.mul(t0, _const(2, t0))
-            total = None
-            for p in range(8):
+            total, partial = None, None
+            for p in range(n_pairs):
                 w_at = builder.add(builder.mul(w_rows.row_stride, _const(p, t0)), col)
                 x_at = builder.mul(builder.add(first, _const(p, first)), _const(x_stride, first))
                 w0, w1 = halves(builder.load(_at(builder, w_rows.base, w_at, bytes_), align=1), builder.zext)
@@ -134,16 +135,25 @@ def _pair_madd8(rows):
                 s = builder.select(builder.icmp_signed("<", s, low), low, s)      # never clamps;
                 s = builder.select(builder.icmp_signed(">", s, high), high, s)    # part of the shape
                 s = builder.trunc(s, _vec(I16, rows))
-                total = s if total is None else builder.add(total, s)
+                partial = s if partial is None else builder.add(partial, s)
+                if (p + 1) % group == 0 or p == n_pairs - 1:
+                    partial = builder.sext(partial, wide)
+                    total = partial if total is None else builder.add(total, partial)
+                    partial = None
             dst = _at(builder, acc.base,
                       builder.add(builder.mul(token, acc.row_stride), builder.mul(t0, _const(4, t0))), wide)
-            builder.store(builder.add(builder.load(dst, align=4), builder.sext(total, wide)), dst, align=4)
+            builder.store(builder.add(builder.load(dst, align=4), total), dst, align=4)
             return context.get_dummy_value()
 
         return types.void(isum, types.intp, types.intp, pairs, xs, types.intp), codegen
 
-    return pair_madd8
+    return pair_madd
 
 
-pair_madd8 = _pair_madd8(PAIR_ROWS)             # 32 tile rows
-pair_madd8_half = _pair_madd8(PAIR_ROWS // 2)   # 16: a tile's last rows when T % 32 == 16
+# Each for PAIR_ROWS tile rows, and its _half for a tile's last 16 when T % 32 == 16.
+pair_madd8 = _pair_madd(PAIR_ROWS, 8, 8)                  # q4 codes: 8 pairs, all in int16
+pair_madd8_half = _pair_madd(PAIR_ROWS // 2, 8, 8)
+pair_madd8_by4 = _pair_madd(PAIR_ROWS, 8, 4)              # 5-bit codes: 8 pairs, 4 at a time
+pair_madd8_by4_half = _pair_madd(PAIR_ROWS // 2, 8, 4)
+pair_madd4_by2 = _pair_madd(PAIR_ROWS, 4, 2)              # 6-bit codes: 4 pairs, 2 at a time
+pair_madd4_by2_half = _pair_madd(PAIR_ROWS // 2, 4, 2)

@@ -46,7 +46,17 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import bf16_to_f32, f16_to_f32, scale_f32
-from edgelora_np.kernels.bytedot import PAIR_MADD, PAIR_ROWS, pair_madd8, pair_madd8_half, splat_pair
+from edgelora_np.kernels.bytedot import (
+    PAIR_MADD,
+    PAIR_ROWS,
+    pair_madd4_by2,
+    pair_madd4_by2_half,
+    pair_madd8,
+    pair_madd8_by4,
+    pair_madd8_by4_half,
+    pair_madd8_half,
+    splat_pair,
+)
 from edgelora_np.kernels.prefetch import prefetch
 from edgelora_np.kernels.scratch import empty_lines, thread_parts, tile_run
 
@@ -301,6 +311,70 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
 
 
 @njit(inline="always")
+def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
+    """isum[bb] = the integer dot products of a sub-block's codes, unpacked into byte pairs
+    (lows: elements 2p, 2p+1; highs: half + 2p, half + 2p + 1), with the activations
+    xq[b0 + bb, o:o + 2 * half], for bb < nbt (kernels/bytedot.py)."""
+    T = isum.shape[1]
+    n = half // 2                                  # pairs in each of lows and highs
+    isum[:nbt] = 0
+    full = T - T % PAIR_ROWS
+    for bb in range(nbt):
+        for p in range(n):
+            splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
+            splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
+        for t0 in range(0, full, PAIR_ROWS):
+            if bits == 5:
+                pair_madd8_by4(isum, bb, t0, lows, xpairs, 0)
+                pair_madd8_by4(isum, bb, t0, highs, xpairs, 8)
+            else:
+                pair_madd4_by2(isum, bb, t0, lows, xpairs, 0)
+                pair_madd4_by2(isum, bb, t0, highs, xpairs, 8)
+        if full < T:
+            if bits == 5:
+                pair_madd8_by4_half(isum, bb, full, lows, xpairs, 0)
+                pair_madd8_by4_half(isum, bb, full, highs, xpairs, 8)
+            else:
+                pair_madd4_by2_half(isum, bb, full, lows, xpairs, 0)
+                pair_madd4_by2_half(isum, bb, full, highs, xpairs, 8)
+
+
+@njit(inline="always")
+def _k5_pairs(qs_blk, qh_blk, ahead, ahead_h, lows, highs):
+    """A k5 sub-block's 5-bit codes as byte pairs (see _pair_sums). High-bit byte r holds
+    elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1); a pair's two elements share a byte."""
+    T = qs_blk.shape[1]
+    for p in range(8):
+        q0, q1 = qs_blk[2 * p], qs_blk[2 * p + 1]
+        h_row = qh_blk[p // 2]
+        shift = 4 * (p % 2)
+        prefetch(ahead[2 * p:2 * p + 2])
+        if p % 2 == 0:
+            prefetch(ahead_h[p // 2])
+        lo, hi = lows[p], highs[p]
+        for t in range(T):
+            h = h_row[t] >> shift
+            lo[2 * t], lo[2 * t + 1] = (q0[t] & 15) | ((h & 1) << 4), (q1[t] & 15) | ((h & 4) << 2)
+            hi[2 * t], hi[2 * t + 1] = (q0[t] >> 4) | ((h & 2) << 3), (q1[t] >> 4) | ((h & 8) << 1)
+
+
+@njit(inline="always")
+def _k6_pairs(qs_blk, qh_blk, ahead, ahead_h, lows, highs):
+    """A k6 sub-block's 6-bit codes (q + 32) as byte pairs (see _pair_sums). High-bit byte p
+    holds elements 2p (bits 0-1), 2p + 8 (2-3), 2p + 1 (4-5) and 2p + 9 (6-7)."""
+    T = qs_blk.shape[1]
+    for p in range(4):
+        q0, q1, h_row = qs_blk[2 * p], qs_blk[2 * p + 1], qh_blk[p]
+        prefetch(ahead[2 * p:2 * p + 2])
+        prefetch(ahead_h[p])
+        lo, hi = lows[p], highs[p]
+        for t in range(T):
+            h = h_row[t]
+            lo[2 * t], lo[2 * t + 1] = (q0[t] & 15) | ((h & 3) << 4), (q1[t] & 15) | (h & 48)
+            hi[2 * t], hi[2 * t + 1] = (q0[t] >> 4) | ((h & 12) << 2), (q1[t] >> 4) | ((h & 192) >> 2)
+
+
+@njit(inline="always")
 def _pairs_of_four(xr, e, half):
     """Activations e..e+3 and, half a sub-block on, e+half..e+half+3: the values one k5/k6 row
     update multiplies (a code byte pairs element j with element j + half)."""
@@ -320,6 +394,9 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     with q8_K activations reaching -128: a k4 sub-block is summed as a q4 block is
     (_q4_block_sums: 8 code rows, 8 * 2 * 15 * 128 = 30720 < 2**15); k5 one row update of 8
     products (8 * 31 * 128 = 31744); k6 half of one, 4 products (4 * 63 * 128 = 32256).
+    On x86, more than one token multiplies byte pairs instead (kernels/bytedot.py): k4 as q4
+    does, k5 and k6 through _k5_pairs / _k6_pairs and _pair_sums (1.55-1.64x at 16 and 64
+    tokens on the Zen 5 VM), the same int16 bounds holding for 4 and 2 pairs.
     """
     G, nb, half, T = qs.shape
     bs = 2 * half                                  # elements per sub-block
@@ -365,6 +442,12 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
                         if bits == 4:
                             _q4_block_sums(qs[g, ib], qs[g, ahead], xq, b0, nbt, o, nibbles,
                                            psum, isum, lows, highs, xpairs)
+                        elif PAIR_MADD and nbt > 1:
+                            if bits == 5:
+                                _k5_pairs(qs[g, ib], qh[g, ib], qs[g, ahead], qh[g, ahead], lows, highs)
+                            else:
+                                _k6_pairs(qs[g, ib], qh[g, ib], qs[g, ahead], qh[g, ahead], lows, highs)
+                            _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits)
                         elif bits == 5:
                             isum[:nbt] = 0
                             # High-bit byte r holds elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1).
