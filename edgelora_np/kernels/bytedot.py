@@ -1,4 +1,4 @@
-"""Byte dot products for the batched q4 kernels, where the target has an instruction for them.
+"""Byte dot products for the batched 4-, 5- and 6-bit kernels, where the target has an instruction.
 
 x86 has one: `pmaddubsw` (SSSE3; `vpmaddubsw` on AVX2 and AVX-512BW) multiplies unsigned bytes
 by signed bytes and adds each adjacent pair of products into an int16 lane: 64 products per
@@ -6,28 +6,30 @@ by signed bytes and adds each adjacent pair of products into an int16 lane: 64 p
 `vpaddw`) takes two instructions for 32. LLVM selects `pmaddubsw` from target-independent IR of
 one shape: the even and the odd bytes of two vectors, widened (the weights unsigned, the
 activations signed), multiplied, each pair added, clamped to int16 and truncated. Numba never
-writes that shape for a loop, so pair_madd8 emits it itself (an @intrinsic, as
+writes that shape for a loop, so the pair_madd functions emit it (an @intrinsic, as
 kernels/prefetch.py and kernels/bits.py do). No x86 intrinsic is named: the IR is the same for
 every target, and the SelectionDAG only matches it within one basic block, so each call
 loads, multiplies and stores.
 
 On AArch64 LLVM makes about 50 instructions of the same IR per 64 products (NEON has no
-pairwise byte multiply-add; its byte dot product, `sdot`, sums groups of four and would need
-another layout), against 8 `mla` for the int16 form. So the pair form is used only where the
+pairwise byte multiply-add), against 8 `mla` for the int16 form. Its byte dot product, `sdot`
+(Cortex-A76 and later), sums groups of four, and LLVM reaches it only from
+`llvm.vector.partial.reduce.add`, whose lanes are unspecified: right for one horizontal sum,
+not for 32 tile rows side by side. So the pair form is used only where the
 host is x86-64 (PAIR_MADD), and AArch64 keeps the int16 multiply-adds.
 `python tools/probe_dot_products.py` prints what each form becomes on Zen 5, Cortex-A76 and
 Cortex-A72; tests/test_kernels.py reads the instructions of a compiled kernel.
 
-The layout (kernels/qmatmul.py, _q4_block_sums_pairs): a 32-block's 16 code rows unpacked into
-byte pairs, lows and highs [8, 2T] uint8: lows[p] holds, for each tile row t, the low nibbles
-of code rows 2p and 2p+1 at bytes 2t and 2t+1 (elements 2p and 2p+1 of the block), highs[p]
-their high nibbles (elements 16+2p and 17+2p). One token's activation pairs go to xs [16, 32]
-int16: row p < 8 the pair lows[p] multiplies, row 8+p the pair highs[p] multiplies, each
-repeated across the row. They are stored, not broadcast in registers: LLVM's middle end turns
-a broadcast pair into two per-byte broadcasts, and then the backend no longer sees the shape.
-(lows and highs are separate allocations: one [16, 2T] array, the highs eight rows after the
-lows, ran the kernel at half the speed on the Zen 5 VM, for reasons of cache placement we
-could not see without hardware counters.)
+The layout (kernels/qmatmul.py, _q4_pairs and _pair_sums): a 32-block's 16 code rows unpacked
+into byte pairs, lows and highs [8, 2T] uint8: lows[p] holds, for each tile row t, the codes of
+elements 2p and 2p+1 at bytes 2t and 2t+1, highs[p] those of elements 16+2p and 17+2p (for
+Q6_K's 16-element sub-blocks, p < 4 and 8+2p, 9+2p). One token's activation pairs go to xs
+[16, PAIR_ROWS] int16: row p the pair lows[p] multiplies, row 8+p the pair highs[p] multiplies,
+each repeated across the row. They are stored, not broadcast in registers: LLVM's middle end
+turns a broadcast pair into two per-byte broadcasts, and then the backend no longer sees the
+shape. (lows and highs are separate allocations: as one [16, 2T] array, the highs eight rows
+after the lows, the kernel ran at half the speed on the Zen 5 VM, for reasons of cache
+placement we could not see without hardware counters.)
 """
 
 import platform

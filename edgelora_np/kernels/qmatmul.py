@@ -72,13 +72,11 @@ Q4_ROWS_IN_INT16 = 8
 
 
 @njit(inline="always")
-def _q4_block_sums_pairs(qb, ahead, xq, b0, nbt, o, lows, highs, xpairs, isum):
-    """_q4_block_sums for more than one token where the target multiplies byte pairs
-    (kernels/bytedot.py, PAIR_MADD): the block's 16 code rows are unpacked once into byte
-    pairs, lows and highs [8, 2T] uint8, for all the tokens; each token's activation pairs
-    are laid out in xpairs [16, PAIR_ROWS] int16, and pair_madd8 adds the sixteen pair
-    products of 32 tile rows in two calls (int16, then int32: exact)."""
-    half, T = qb.shape
+def _q4_pairs(qb, ahead, lows, highs):
+    """A q4 block's codes as byte pairs for _pair_sums: lows[p] holds, for each tile row t, the
+    low nibbles of code rows 2p and 2p+1 at bytes 2t and 2t+1 (elements 2p and 2p+1), highs[p]
+    their high nibbles (elements 16+2p and 17+2p). `ahead`'s rows are prefetched."""
+    T = qb.shape[1]
     for p in range(8):
         q0, q1 = qb[2 * p], qb[2 * p + 1]
         prefetch(ahead[2 * p:2 * p + 2])
@@ -86,18 +84,43 @@ def _q4_block_sums_pairs(qb, ahead, xq, b0, nbt, o, lows, highs, xpairs, isum):
         for t in range(T):
             lo[2 * t], lo[2 * t + 1] = q0[t] & 15, q1[t] & 15
             hi[2 * t], hi[2 * t + 1] = q0[t] >> 4, q1[t] >> 4
+
+
+@njit(inline="always")
+def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
+    """isum[bb] = the exact integer dot products of a block's `bits`-bit codes, unpacked into
+    byte pairs (lows: elements 2p and 2p+1; highs: half + 2p and half + 2p + 1), with the
+    activations xq[b0 + bb, o:o + 2 * half], for bb < nbt (kernels/bytedot.py). Each token's
+    activation pairs are laid out in xpairs [16, PAIR_ROWS] int16, then each call adds the
+    pair products of 32 tile rows (16 for a tile's last rows when T % 32 == 16)."""
+    T = isum.shape[1]
+    n = half // 2                                  # pairs in each of lows and highs
     isum[:nbt] = 0
     full = T - T % PAIR_ROWS
     for bb in range(nbt):
-        for p in range(8):
+        for p in range(n):
             splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
             splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
         for t0 in range(0, full, PAIR_ROWS):
-            pair_madd8(isum, bb, t0, lows, xpairs, 0)
-            pair_madd8(isum, bb, t0, highs, xpairs, 8)
+            if bits == 4:
+                pair_madd8(isum, bb, t0, lows, xpairs, 0)
+                pair_madd8(isum, bb, t0, highs, xpairs, 8)
+            elif bits == 5:
+                pair_madd8_by4(isum, bb, t0, lows, xpairs, 0)
+                pair_madd8_by4(isum, bb, t0, highs, xpairs, 8)
+            else:
+                pair_madd4_by2(isum, bb, t0, lows, xpairs, 0)
+                pair_madd4_by2(isum, bb, t0, highs, xpairs, 8)
         if full < T:
-            pair_madd8_half(isum, bb, full, lows, xpairs, 0)
-            pair_madd8_half(isum, bb, full, highs, xpairs, 8)
+            if bits == 4:
+                pair_madd8_half(isum, bb, full, lows, xpairs, 0)
+                pair_madd8_half(isum, bb, full, highs, xpairs, 8)
+            elif bits == 5:
+                pair_madd8_by4_half(isum, bb, full, lows, xpairs, 0)
+                pair_madd8_by4_half(isum, bb, full, highs, xpairs, 8)
+            else:
+                pair_madd4_by2_half(isum, bb, full, lows, xpairs, 0)
+                pair_madd4_by2_half(isum, bb, full, highs, xpairs, 8)
 
 
 @njit(inline="always")
@@ -107,18 +130,18 @@ def _q4_block_sums(qb, ahead, xq, b0, nbt, o, nibbles, psum, isum, lows, highs, 
     caller works on next: its rows are prefetched as qb's are consumed.
 
     qb [16, T] uint8: byte j of row t holds element j (low nibble) and j + 16 (high nibble).
-    On x86 more than one token goes to _q4_block_sums_pairs, which multiplies byte pairs
-    (1.6-1.8x at 16 and 64 tokens on the Zen 5 VM); the rest of this is one token anywhere,
-    and more on AArch64. 8 code rows are summed in int16 (Q4_ROWS_IN_INT16), then widened.
-    With more than one token the nibbles of four code rows are unpacked once, into nibbles
-    [8, T] int16, and each
+    On x86, more than one token multiplies byte pairs (_q4_pairs, _pair_sums: 1.6-1.8x at 16
+    and 64 tokens on the Zen 5 VM). The rest is one token anywhere, and more on AArch64:
+    8 code rows are summed in int16 (Q4_ROWS_IN_INT16), then widened. With more than one
+    token the nibbles of four code rows are unpacked once, into nibbles [8, T] int16, and each
     token's pass over the T rows takes all four (eight products per row): its int16 partial
     sums are loaded and stored once per four code rows, not once per row (1.07-1.09x at 16
     and 64 tokens). One token takes one code row per pass, straight from the bytes; four per
     pass was 4-5% slower there.
     """
     if PAIR_MADD and nbt > 1:
-        _q4_block_sums_pairs(qb, ahead, xq, b0, nbt, o, lows, highs, xpairs, isum)
+        _q4_pairs(qb, ahead, lows, highs)
+        _pair_sums(xq, b0, nbt, o, 16, lows, highs, xpairs, isum, 4)
         return
     half, T = qb.shape
     lo0, hi0, lo1, hi1 = nibbles[0], nibbles[1], nibbles[2], nibbles[3]
@@ -311,37 +334,8 @@ def matmul_q8(qs, d, m, xq, xd, xs, out):
 
 
 @njit(inline="always")
-def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
-    """isum[bb] = the integer dot products of a sub-block's codes, unpacked into byte pairs
-    (lows: elements 2p, 2p+1; highs: half + 2p, half + 2p + 1), with the activations
-    xq[b0 + bb, o:o + 2 * half], for bb < nbt (kernels/bytedot.py)."""
-    T = isum.shape[1]
-    n = half // 2                                  # pairs in each of lows and highs
-    isum[:nbt] = 0
-    full = T - T % PAIR_ROWS
-    for bb in range(nbt):
-        for p in range(n):
-            splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
-            splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
-        for t0 in range(0, full, PAIR_ROWS):
-            if bits == 5:
-                pair_madd8_by4(isum, bb, t0, lows, xpairs, 0)
-                pair_madd8_by4(isum, bb, t0, highs, xpairs, 8)
-            else:
-                pair_madd4_by2(isum, bb, t0, lows, xpairs, 0)
-                pair_madd4_by2(isum, bb, t0, highs, xpairs, 8)
-        if full < T:
-            if bits == 5:
-                pair_madd8_by4_half(isum, bb, full, lows, xpairs, 0)
-                pair_madd8_by4_half(isum, bb, full, highs, xpairs, 8)
-            else:
-                pair_madd4_by2_half(isum, bb, full, lows, xpairs, 0)
-                pair_madd4_by2_half(isum, bb, full, highs, xpairs, 8)
-
-
-@njit(inline="always")
 def _k5_pairs(qs_blk, qh_blk, ahead, ahead_h, lows, highs):
-    """A k5 sub-block's 5-bit codes as byte pairs (see _pair_sums). High-bit byte r holds
+    """A k5 sub-block's 5-bit codes as byte pairs for _pair_sums. High-bit byte r holds
     elements 4r+i (bit 2i) and 4r+i+16 (bit 2i+1); a pair's two elements share a byte."""
     T = qs_blk.shape[1]
     for p in range(8):
@@ -360,7 +354,7 @@ def _k5_pairs(qs_blk, qh_blk, ahead, ahead_h, lows, highs):
 
 @njit(inline="always")
 def _k6_pairs(qs_blk, qh_blk, ahead, ahead_h, lows, highs):
-    """A k6 sub-block's 6-bit codes (q + 32) as byte pairs (see _pair_sums). High-bit byte p
+    """A k6 sub-block's 6-bit codes (q + 32) as byte pairs for _pair_sums. High-bit byte p
     holds elements 2p (bits 0-1), 2p + 8 (2-3), 2p + 1 (4-5) and 2p + 9 (6-7)."""
     T = qs_blk.shape[1]
     for p in range(4):
@@ -395,7 +389,7 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
     (_q4_block_sums: 8 code rows, 8 * 2 * 15 * 128 = 30720 < 2**15); k5 one row update of 8
     products (8 * 31 * 128 = 31744); k6 half of one, 4 products (4 * 63 * 128 = 32256).
     On x86, more than one token multiplies byte pairs instead (kernels/bytedot.py): k4 as q4
-    does, k5 and k6 through _k5_pairs / _k6_pairs and _pair_sums (1.55-1.64x at 16 and 64
+    does, k5 and k6 through _k5_pairs or _k6_pairs and _pair_sums (1.55-1.64x at 16 and 64
     tokens on the Zen 5 VM), the same int16 bounds holding for 4 and 2 pairs.
     """
     G, nb, half, T = qs.shape
