@@ -40,7 +40,7 @@ from numba import types
 from numba.extending import intrinsic
 
 I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-PAIR_ROWS = 32              # tile rows per pair_madd8 call: 64 bytes of pairs, 32 int16 sums
+PAIR_ROWS = 32              # tile rows per pair_madd call: 64 bytes of pairs, 32 int16 sums
 
 
 def _has_pair_madd() -> bool:
@@ -57,8 +57,10 @@ def _vec(t, n):
     return ir.VectorType(t, n)
 
 
-def _c_contiguous(*arrays) -> bool:
-    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+def _matrices(*pairs) -> bool:
+    """Each (array type, dtype): a C-contiguous 2-D array of that dtype."""
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 and a.dtype == dtype
+               for a, dtype in pairs)
 
 
 class _Array:
@@ -82,8 +84,8 @@ def _const(value, like):
 @intrinsic
 def splat_pair(typingctx, xs, row, xq, token, offset):
     """xs[row, :] = the int16 whose bytes are xq[token, offset] and xq[token, offset + 1]
-    (int8 activations)."""
-    if not (_c_contiguous(xs, xq) and xs.dtype == types.int16):
+    (int8 activations); xs's rows are PAIR_ROWS long."""
+    if not _matrices((xs, types.int16), (xq, types.int8)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -110,7 +112,7 @@ def _pair_madd(rows, n_pairs, group):
         at a time are added in int16, then widened to int32: the caller's codes bound them
         (q4: 8 pairs of at most 2 * 15 * 128 = 3840 in magnitude, 30720 < 2**15; 5-bit
         codes 4 pairs of 7936; 6-bit codes 2 of 16128)."""
-        if not (_c_contiguous(isum, pairs, xs) and xs.dtype == types.int16):
+        if not _matrices((isum, types.int32), (pairs, types.uint8), (xs, types.int16)):
             return None
 
         def codegen(context, builder, signature, args):
