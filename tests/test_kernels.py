@@ -9,6 +9,7 @@ Python) in well under a minute. With the JIT, the first run compiles every kerne
 
 import ctypes
 import ctypes.util
+from unittest import mock
 
 import gguf
 import gguf.quants
@@ -166,14 +167,14 @@ def test_q4_integer_sums_at_the_extremes(qtype, batch, sign):
     assert np.allclose(ours, expected, rtol=1e-3, atol=0)     # activation scales are fp16
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q2_K, QT.Q3_K,
+                                   QT.IQ4_NL, QT.IQ4_XS], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows, tile", [(10, 16), (40, 48), (64, 64), (100, 112)])
 def test_batched_pair_sums_over_tile_widths(qtype, rows, tile):
-    """The batched block sums of the 4-, 5- and 6-bit codes (on x86, kernels/bytedot.py's
-    byte pairs, taken 32 tile rows at a time and 16 for a tile's last rows) against the
-    reference, on one thread's tiles of 16, 48, 64 and 112 rows: the 16-row tail alone, after
-    whole 32s, and none."""
+    """The batched block sums of the 2- to 6-bit codes and the IQ4 levels (on x86,
+    kernels/bytedot.py's byte pairs, taken 32 tile rows at a time and 16 for a tile's last
+    rows) against the reference, on one thread's tiles of 16, 48, 64 and 112 rows: the 16-row
+    tail alone, after whole 32s, and none."""
     w = packed(qtype, rows, 256, seed=rows, n_threads=1)
     assert w.qs.shape[-1] == tile
     x = np.random.default_rng(rows).standard_normal((TOKEN_CHUNK + 3, 256)).astype(np.float32)
@@ -196,6 +197,18 @@ def _kernel_assembly(kernel: str) -> str:
                                                w.act)
     m = w.m if w.m is not None else np.zeros((1, 0, 1), np.uint16)
     fresh(w.qs, w.d, m, xq, xd, xs, np.zeros((batch, rows), np.float32))
+    return "".join(fresh.inspect_asm().values())
+
+
+def _decoded_kernel_assembly(qtype) -> str:
+    """The assembly of a fresh compile of the kernels/qmatmul_decoded.py kernel for qtype, run
+    by pack.matmul on a batch of three."""
+    kernel = "matmul_b32_decoded" if qtype in (QT.Q5_0, QT.Q5_1, QT.IQ4_NL) else "matmul_k_decoded"
+    fresh = njit(parallel=True)(getattr(qmatmul_decoded, kernel).py_func)
+    w = packed(qtype, 32, 256, seed=0, n_threads=1)
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    with mock.patch.object(pack, kernel, fresh):
+        pack.matmul(w, x)
     return "".join(fresh.inspect_asm().values())
 
 
@@ -243,6 +256,18 @@ def test_batched_q4_multiplies_byte_pairs_on_x86():
         pytest.skip(f"no expectation written down for {machine}")
     assert bytedot.PAIR_MADD
     assert "pmaddubsw" in _kernel_assembly("matmul_q4")
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")
+@pytest.mark.parametrize("qtype", [QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS], ids=lambda t: t.name)
+def test_batched_decoded_types_multiply_byte_pairs_on_x86(qtype):
+    """The batched Q2_K/Q3_K sums (one kernel) and the IQ4 ones (two) take the byte-pair form
+    on x86-64 too, so that losing its shape shows up here and not only as a slower benchmark."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the byte-pair form is x86-64 only (test above)")
+    assert "pmaddubsw" in _decoded_kernel_assembly(qtype)
 
 
 @pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")

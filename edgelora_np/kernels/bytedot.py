@@ -103,7 +103,7 @@ def splat_pair(typingctx, xs, row, xq, token, offset):
     return types.void(xs, types.intp, xq, types.intp, types.intp), codegen
 
 
-def _pair_madd(rows, n_pairs, group):
+def _pair_madd(rows, n_pairs, group, shift=0):
     @intrinsic
     def pair_madd(typingctx, isum, token, t0, pairs, xs, first):
         """isum[token, t0 + i] += sum over p < n_pairs of pairs[p, 2(t0+i)] * (the low byte of
@@ -111,7 +111,8 @@ def _pair_madd(rows, n_pairs, group):
         PAIR_ROWS int16 long, a constant, so its loads take fixed offsets. `group` pair sums
         at a time are added in int16, then widened to int32: the caller's codes bound them
         (q4: 8 pairs of at most 2 * 15 * 128 = 3840 in magnitude, 30720 < 2**15; 5-bit
-        codes 4 pairs of 7936; 6-bit codes 2 of 16128)."""
+        codes 4 pairs of 7936; 6-bit codes 2 of 16128). With `shift`, the int32 total is
+        multiplied by 2**shift before it is added (the high nibbles of a split byte code)."""
         if not _matrices((isum, types.int32), (pairs, types.uint8), (xs, types.int16)):
             return None
 
@@ -144,6 +145,8 @@ def _pair_madd(rows, n_pairs, group):
                     partial = builder.sext(partial, wide)
                     total = partial if total is None else builder.add(total, partial)
                     partial = None
+            if shift:
+                total = builder.shl(total, ir.Constant(wide, [shift] * rows))
             dst = _at(builder, acc.base,
                       builder.add(builder.mul(token, acc.row_stride), builder.mul(t0, _const(4, t0))), wide)
             builder.store(builder.add(builder.load(dst, align=4), total), dst, align=4)
@@ -161,3 +164,5 @@ pair_madd8_by4 = _pair_madd(PAIR_ROWS, 8, 4)              # 5-bit codes: 8 pairs
 pair_madd8_by4_half = _pair_madd(PAIR_ROWS // 2, 8, 4)
 pair_madd4_by2 = _pair_madd(PAIR_ROWS, 4, 2)              # 6-bit codes: 4 pairs, 2 at a time
 pair_madd4_by2_half = _pair_madd(PAIR_ROWS // 2, 4, 2)
+pair_madd8_x16 = _pair_madd(PAIR_ROWS, 8, 8, shift=4)     # the high nibbles of byte codes
+pair_madd8_x16_half = _pair_madd(PAIR_ROWS // 2, 8, 8, shift=4)

@@ -87,40 +87,54 @@ def _q4_pairs(qb, ahead, lows, highs):
 
 
 @njit(inline="always")
+def _madd(isum, bb, t0, full, pairs, xpairs, first, bits):
+    """One bytedot pair_madd of `bits`-bit codes: 32 tile rows from t0 (`full`), else the 16 of
+    a tile's last rows. The codes' width bounds how many pairs share an int16 sum: all 8 up to
+    4 bits, 4 at 5 bits, 2 at 6 (of 4 pairs, a 16-element sub-block's half)."""
+    if full:
+        if bits <= 4:
+            pair_madd8(isum, bb, t0, pairs, xpairs, first)
+        elif bits == 5:
+            pair_madd8_by4(isum, bb, t0, pairs, xpairs, first)
+        else:
+            pair_madd4_by2(isum, bb, t0, pairs, xpairs, first)
+    elif bits <= 4:
+        pair_madd8_half(isum, bb, t0, pairs, xpairs, first)
+    elif bits == 5:
+        pair_madd8_by4_half(isum, bb, t0, pairs, xpairs, first)
+    else:
+        pair_madd4_by2_half(isum, bb, t0, pairs, xpairs, first)
+
+
+@njit(inline="always")
 def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
     """isum[bb] = the exact integer dot products of a block's `bits`-bit codes, unpacked into
     byte pairs (lows: elements 2p and 2p+1; highs: half + 2p and half + 2p + 1), with the
-    activations xq[b0 + bb, o:o + 2 * half], for bb < nbt (kernels/bytedot.py). Each token's
-    activation pairs are laid out in xpairs [16, PAIR_ROWS] int16, then each call adds the
-    pair products of 32 tile rows (16 for a tile's last rows when T % 32 == 16)."""
+    activations xq[b0 + bb, o:o + 2 * half], for bb < nbt (kernels/bytedot.py). Codes of 2
+    or 3 bits (16-element sub-blocks) come as 8 pairs in lows alone (elements 2p, 2p + 1),
+    `half` and highs unused. Each token's activation pairs are laid out in xpairs
+    [16, PAIR_ROWS] int16, then each call adds the pair products of 32 tile rows (16 for a
+    tile's last rows when T % 32 == 16)."""
     T = isum.shape[1]
     n = half // 2                                  # pairs in each of lows and highs
+    full_rows = T - T % PAIR_ROWS
     isum[:nbt] = 0
-    full = T - T % PAIR_ROWS
     for bb in range(nbt):
-        for p in range(n):
-            splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
-            splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
-        for t0 in range(0, full, PAIR_ROWS):
-            if bits == 4:
-                pair_madd8(isum, bb, t0, lows, xpairs, 0)
-                pair_madd8(isum, bb, t0, highs, xpairs, 8)
-            elif bits == 5:
-                pair_madd8_by4(isum, bb, t0, lows, xpairs, 0)
-                pair_madd8_by4(isum, bb, t0, highs, xpairs, 8)
-            else:
-                pair_madd4_by2(isum, bb, t0, lows, xpairs, 0)
-                pair_madd4_by2(isum, bb, t0, highs, xpairs, 8)
-        if full < T:
-            if bits == 4:
-                pair_madd8_half(isum, bb, full, lows, xpairs, 0)
-                pair_madd8_half(isum, bb, full, highs, xpairs, 8)
-            elif bits == 5:
-                pair_madd8_by4_half(isum, bb, full, lows, xpairs, 0)
-                pair_madd8_by4_half(isum, bb, full, highs, xpairs, 8)
-            else:
-                pair_madd4_by2_half(isum, bb, full, lows, xpairs, 0)
-                pair_madd4_by2_half(isum, bb, full, highs, xpairs, 8)
+        if bits <= 3:
+            for p in range(8):
+                splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
+        else:
+            for p in range(n):
+                splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
+                splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
+        for t0 in range(0, full_rows, PAIR_ROWS):
+            _madd(isum, bb, t0, True, lows, xpairs, 0, bits)
+            if bits > 3:
+                _madd(isum, bb, t0, True, highs, xpairs, 8, bits)
+        if full_rows < T:
+            _madd(isum, bb, full_rows, False, lows, xpairs, 0, bits)
+            if bits > 3:
+                _madd(isum, bb, full_rows, False, highs, xpairs, 8, bits)
 
 
 @njit(inline="always")

@@ -11,11 +11,14 @@ _iq4_level), then every token of the chunk takes its exact integer dot product w
 decode is paid once per block and tile and shared by the batch; weights stay at file size in
 memory and are never widened to float. With one token there is nothing to share, and they
 decode as they multiply instead, without storing the block. Q2_K and Q3_K never decode: each
-token takes its products straight from the packed bytes (_two_bit_token), whatever the batch.
+token takes its products straight from the packed bytes (_two_bit_token).
 Where the products are small (Q5_0/Q5_1: |w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127),
 8 to 16 rows are summed in int16 lanes before widening, as matmul_q4 does; the IQ4 levels
 reach 127, so only the two products of one code byte share an int16 sum at one token, and with
 more tokens the sums are int32 from the start.
+On x86 (kernels/bytedot.py), more than one token multiplies byte pairs instead: Q2_K and Q3_K
+codes unpacked once per sub-block (_k23_batch: 1.2x and 1.5x at 16 and 64 tokens on the Zen 5
+VM), the IQ4 levels plus 128 split into two nibbles (_iq4_pairs, _iq4_pair_sums: 1.1-1.2x).
 
 Packed layouts, G = ceil(N / T) tiles, sub-blocks of bs elements:
     q5     (Q5_0, Q5_1; bs 32)
@@ -46,7 +49,17 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora_np.kernels.bits import f16_to_f32
+from edgelora_np.kernels.bytedot import (
+    PAIR_MADD,
+    PAIR_ROWS,
+    pair_madd8,
+    pair_madd8_half,
+    pair_madd8_x16,
+    pair_madd8_x16_half,
+    splat_pair,
+)
 from edgelora_np.kernels.prefetch import prefetch
+from edgelora_np.kernels.qmatmul import _pair_sums
 from edgelora_np.kernels.scratch import empty_lines, thread_parts, tile_run
 
 TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT, T] sums)
@@ -154,6 +167,97 @@ def _dot_iq4_one_token(qs_blk, ahead, xr, o, irow):
 
 
 @njit(inline="always")
+def _nibble_pair(pair, wa, wb, high):
+    """pair[2t], pair[2t + 1] = the low (or `high`) nibbles of wa[t] + 128 and wb[t] + 128."""
+    T = wa.shape[0]
+    if high:
+        for t in range(T):
+            pair[2 * t] = (wa[t] + np.int16(128)) >> 4
+            pair[2 * t + 1] = (wb[t] + np.int16(128)) >> 4
+    else:
+        for t in range(T):
+            pair[2 * t] = (wa[t] + np.int16(128)) & 15
+            pair[2 * t + 1] = (wb[t] + np.int16(128)) & 15
+
+
+@njit(inline="always")
+def _iq4_pairs(qs_blk, ahead, w, lo_l, hi_l, lo_h, hi_h):
+    """An IQ4 32-block's levels as byte pairs (kernels/bytedot.py), split so that the
+    products fit: u = level + 128 (1..241) is 16 h + l with h and l nibbles, lo_l[p] and
+    lo_h[p] holding l and h of elements 2p and 2p+1 at bytes 2t and 2t+1, hi_l[p] and hi_h[p]
+    those of elements 16+2p and 17+2p (_iq4_pair_sums). The levels are decoded into w
+    [32, T] int16 first; then each pair row takes a pass of its own (passes writing several
+    rows did not vectorize)."""
+    _decode_iq4(qs_blk, ahead, w)
+    for p in range(8):
+        _nibble_pair(lo_l[p], w[2 * p], w[2 * p + 1], False)
+        _nibble_pair(lo_h[p], w[2 * p], w[2 * p + 1], True)
+        _nibble_pair(hi_l[p], w[16 + 2 * p], w[17 + 2 * p], False)
+        _nibble_pair(hi_h[p], w[16 + 2 * p], w[17 + 2 * p], True)
+
+
+@njit(inline="always")
+def _iq4_pair_sums(xq, b0, nbt, o, lo_l, hi_l, lo_h, hi_h, xpairs, isum):
+    """isum[bb] = sum_j (level[j] + 128) * xq[b0 + bb, o + j] over an IQ4 32-block split by
+    _iq4_pairs, for bb < nbt: the l pairs' products plus 16 times the h pairs', each pair_madd8
+    summing 8 pairs in int16 (2 * 15 * 128 * 8 = 30720 < 2**15). The caller subtracts 128
+    times the activations' sum."""
+    T = isum.shape[1]
+    full_rows = T - T % PAIR_ROWS
+    isum[:nbt] = 0
+    for bb in range(nbt):
+        for p in range(8):
+            splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
+            splat_pair(xpairs, 8 + p, xq, b0 + bb, o + 16 + 2 * p)
+        for t0 in range(0, full_rows, PAIR_ROWS):
+            pair_madd8(isum, bb, t0, lo_l, xpairs, 0)
+            pair_madd8(isum, bb, t0, hi_l, xpairs, 8)
+            pair_madd8_x16(isum, bb, t0, lo_h, xpairs, 0)
+            pair_madd8_x16(isum, bb, t0, hi_h, xpairs, 8)
+        if full_rows < T:
+            pair_madd8_half(isum, bb, full_rows, lo_l, xpairs, 0)
+            pair_madd8_half(isum, bb, full_rows, hi_l, xpairs, 8)
+            pair_madd8_x16_half(isum, bb, full_rows, lo_h, xpairs, 0)
+            pair_madd8_x16_half(isum, bb, full_rows, hi_h, xpairs, 8)
+
+
+@njit(inline="always")
+def _k23_pair(pair, qa, qb, shift, hrow, hbit, has_h):
+    """One byte pair row for _k23_pairs: bits shift and shift + 1 of code rows qa and qb at
+    bytes 2t and 2t + 1, with (k3) their third bits, bits hbit and hbit + 1 of hrow, at bit 2.
+    Called with constant shifts: one by a variable amount puts the loop in 64-bit lanes."""
+    T = qa.shape[0]
+    if has_h:
+        for t in range(T):
+            h = hrow[t] >> hbit
+            pair[2 * t] = ((qa[t] >> shift) & 3) | ((h & 1) << 2)
+            pair[2 * t + 1] = ((qb[t] >> shift) & 3) | ((h & 2) << 1)
+    else:
+        for t in range(T):
+            pair[2 * t] = (qa[t] >> shift) & 3
+            pair[2 * t + 1] = (qb[t] >> shift) & 3
+
+
+@njit(inline="always")
+def _k23_pairs(qs_blk, qh_blk, has_h, lows):
+    """A k2 or k3 sub-block's 16 codes as 8 byte pairs for qmatmul._pair_sums: lows[p] holds
+    the codes of elements 2p and 2p+1 at bytes 2t and 2t+1, for k3 with the third bit (q + 4,
+    0..7). Pair p = 2k + m reads code rows 2m and 2m+1 at bits 2k; pair p = 4r + i, its third
+    bits from byte row r at bits 2i and 2i+1. One pass per pair row: a pass writing several
+    rows of `lows` did not vectorize (8x slower)."""
+    q0, q1, q2, q3 = qs_blk[0], qs_blk[1], qs_blk[2], qs_blk[3]
+    h0, h1 = (qh_blk[0], qh_blk[1]) if has_h else (q0, q1)     # (unread without third bits)
+    _k23_pair(lows[0], q0, q1, 0, h0, 0, has_h)
+    _k23_pair(lows[1], q2, q3, 0, h0, 2, has_h)
+    _k23_pair(lows[2], q0, q1, 2, h0, 4, has_h)
+    _k23_pair(lows[3], q2, q3, 2, h0, 6, has_h)
+    _k23_pair(lows[4], q0, q1, 4, h1, 0, has_h)
+    _k23_pair(lows[5], q2, q3, 4, h1, 2, has_h)
+    _k23_pair(lows[6], q0, q1, 6, h1, 4, has_h)
+    _k23_pair(lows[7], q2, q3, 6, h1, 6, has_h)
+
+
+@njit(inline="always")
 def _two_bit_token(qs_blk, qh_blk, sc_row, has_h, xr, o, bsum, prow, tot, mins):
     """One token over a k2/k3 sub-block of 16: its integer sum isum[t] = sum_j q[j, t] *
     xr[o + j] taken straight from the packed bytes, without decoding the codes one by one, and
@@ -215,6 +319,36 @@ def _two_bit_token(qs_blk, qh_blk, sc_row, has_h, xr, o, bsum, prow, tot, mins):
 
 
 @njit(inline="always")
+def _subtract(row, c):
+    for t in range(row.shape[0]):
+        row[t] -= c
+
+
+@njit(cache=True)
+def _k23_batch(qs_blk, qh_blk, sc_row, has_h, xq, b0, nbt, o, bsums, lows, xpairs, isum, tot, mins):
+    """_two_bit_token's sums for tokens b0..b0+nbt-1 at once, in byte pairs (kernels/bytedot.py):
+    the sub-block's codes unpacked once (_k23_pairs), each token's products taken by
+    qmatmul._pair_sums, then weighted by the scales as _two_bit_token weights them. A function
+    of its own, not inlined: inlined, it made LLVM compile the one-token path of
+    matmul_k_decoded (Q3_K) a quarter slower."""
+    _k23_pairs(qs_blk, qh_blk, has_h, lows)
+    _pair_sums(xq, b0, nbt, o, 8, lows, lows, xpairs, isum, 3)
+    T = isum.shape[1]
+    for bb in range(nbt):
+        bsum = np.int32(bsums[b0 + bb])
+        t_row, m_row, row = tot[bb], mins[bb], isum[bb]
+        if has_h:                                  # codes q + 4: minus 4 bsum
+            offset = np.int32(4) * bsum
+            for t in range(T):
+                t_row[t] += np.int32(np.int8(sc_row[t])) * (row[t] - offset)
+        else:
+            for t in range(T):
+                b = np.int32(sc_row[t])
+                t_row[t] += (b & 15) * row[t]
+                m_row[t] += (b >> 4) * bsum
+
+
+@njit(inline="always")
 def _dot_int16(w, xq, b0, nbt, o, rows, psum, isum):
     """isum[bb, t] = sum_j w[j, t] * xq[b0 + bb, o + j], exactly: `rows` rows at a time in int16
     (psum), then widened. Four rows per pass over the tile's rows (rows is a multiple of 4),
@@ -271,6 +405,9 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
         isum = empty_lines((TOKEN_CHUNK, T), np.int32)
         psum = empty_lines((TOKEN_CHUNK, T), np.int16)
         w16 = empty_lines((32, T), np.int16)      # the decoded block, q5 or iq4nl
+        lo_l, hi_l = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
+        lo_h, hi_h = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
+        xpairs = empty_lines((16, PAIR_ROWS), np.int16)
         dw = empty_lines((T,), np.float32)
         mw = empty_lines((T,), np.float32)
         mw[...] = 0
@@ -293,6 +430,15 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
                         _dot_int16(w16, xq, b0, nbt, ib * 32, rows, psum, isum)
                     elif nbt == 1:
                         _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0])
+                    elif PAIR_MADD:
+                        _iq4_pairs(qs[g, ib], qs[g, ahead], w16, lo_l, hi_l, lo_h, hi_h)
+                        _iq4_pair_sums(xq, b0, nbt, ib * 32, lo_l, hi_l, lo_h, hi_h, xpairs, isum)
+                        for bb in range(nbt):               # the levels' offset of 128
+                            xr = xq[b0 + bb, ib * 32:ib * 32 + 32]
+                            c = np.int32(0)
+                            for j in range(32):
+                                c += np.int32(xr[j])
+                            _subtract(isum[bb], 128 * c)
                     else:
                         _decode_iq4(qs[g, ib], qs[g, ahead], w16)
                         _dot_int32(w16, xq, b0, nbt, ib * 32, isum)
@@ -331,6 +477,9 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
         itot = empty_lines((TOKEN_CHUNK, T), np.int32)
         imin = empty_lines((TOKEN_CHUNK, T), np.int32)
         wiq4 = empty_lines((32, T), np.int16)
+        lo_l, hi_l = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
+        lo_h, hi_h = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
+        xpairs = empty_lines((16, PAIR_ROWS), np.int16)
         s = empty_lines((T,), np.int32)           # an IQ4_XS sub-block's scales
         dws = empty_lines((2, T), np.float32)
         dws[...] = 0
@@ -359,6 +508,14 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                             if nbt == 1:
                                 _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs,
                                                    isum[0])
+                            elif PAIR_MADD:
+                                _iq4_pairs(qs[g, ib], qs[g, ahead], wiq4, lo_l, hi_l, lo_h, hi_h)
+                                _iq4_pair_sums(xq, b0, nbt, ib * bs, lo_l, hi_l, lo_h, hi_h, xpairs,
+                                               isum)
+                                for bb in range(nbt):       # the levels' offset of 128
+                                    c = np.int32(bsums[b0 + bb, 2 * ib]) + np.int32(
+                                        bsums[b0 + bb, 2 * ib + 1])
+                                    _subtract(isum[bb], 128 * c)
                             else:
                                 _decode_iq4(qs[g, ib], qs[g, ahead], wiq4)
                                 _dot_int32(wiq4, xq, b0, nbt, ib * bs, isum)
@@ -368,6 +525,9 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                                 tot, row = itot[bb], isum[bb]
                                 for t in range(T):
                                     tot[t] += s[t] * row[t]
+                        elif PAIR_MADD and nbt > 1:
+                            _k23_batch(qs[g, ib], qh[g, ib], sc[g, ib], kind == KIND_K3, xq, b0, nbt,
+                                       ib * bs, bsums[:, ib], lo_l, xpairs, isum, itot, imin)
                         else:                             # adds its sums itself
                             for bb in range(nbt):
                                 _two_bit_token(qs[g, ib], qh[g, ib], sc[g, ib], kind == KIND_K3,
