@@ -162,24 +162,36 @@ MATMUL_MODULES = ("qmatmul", "qmatmul_decoded")
 
 def kernels_at(rev: str) -> dict:
     """The Numba matmul kernels of kernels/qmatmul*.py at git revision `rev`, compiled from that
-    source (uncached) against today's helpers (bits, actquant): name -> dispatcher."""
+    source (uncached) against today's helpers (bits, actquant) but that revision's
+    kernels/bytedot.py and qmatmul.py where the kernels import them: name -> dispatcher."""
+    import re
     import subprocess
+    import sys
     import types as pytypes
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    found = {}
-    for name in MATMUL_MODULES:
+    tag = re.sub(r"\W", "_", rev)
+    found, loaded = {}, []
+    for name in ("bytedot",) + MATMUL_MODULES:     # in import order
         path = f"edgelora_np/kernels/{name}.py"
         try:
             source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, check=True,
                                     capture_output=True, text=True).stdout
         except subprocess.CalledProcessError as e:
+            if name == "bytedot":                  # older than the byte pairs
+                continue
             raise SystemExit(f"git show {rev}:{path}: {e.stderr.strip()}") from None
-        module = pytypes.ModuleType(f"edgelora_np.kernels.{name}_at_{rev}")
+        for earlier in loaded:
+            source = source.replace(f"edgelora_np.kernels.{earlier} import",
+                                    f"edgelora_np.kernels.{earlier}_at_{tag} import")
+        module = pytypes.ModuleType(f"edgelora_np.kernels.{name}_at_{tag}")
+        sys.modules[module.__name__] = module
         exec(compile(source.replace("cache=True", "cache=False"), f"{rev}:{path}", "exec"),
              module.__dict__)
-        found.update({k: v for k, v in vars(module).items() if hasattr(v, "py_func")})
+        loaded.append(name)
+        if name in MATMUL_MODULES:
+            found.update({k: v for k, v in vars(module).items() if hasattr(v, "py_func")})
     return found
 
 

@@ -105,19 +105,23 @@ def splat_pair(typingctx, xs, row, xq, token, offset):
 
 def _pair_madd(rows, n_pairs, group, shift=0):
     @intrinsic
-    def pair_madd(typingctx, isum, token, t0, pairs, xs, first):
+    def pair_madd(typingctx, isum, token, t0, pairs, xs, first, accumulate):
         """isum[token, t0 + i] += sum over p < n_pairs of pairs[p, 2(t0+i)] * (the low byte of
         xs[first + p]) + pairs[p, 2(t0+i) + 1] * (its high byte), for i < rows. xs's rows are
         PAIR_ROWS int16 long, a constant, so its loads take fixed offsets. `group` pair sums
         at a time are added in int16, then widened to int32: the caller's codes bound them
         (q4: 8 pairs of at most 2 * 15 * 128 = 3840 in magnitude, 30720 < 2**15; 5-bit
         codes 4 pairs of 7936; 6-bit codes 2 of 16128). With `shift`, the int32 total is
-        multiplied by 2**shift before it is added (the high nibbles of a split byte code)."""
+        multiplied by 2**shift before it is added (the high nibbles of a split byte code).
+        With `accumulate` False (a constant at the call site), it is stored instead of added:
+        no pass zeroing isum first (2-5% of a batched kernel)."""
         if not _matrices((isum, types.int32), (pairs, types.uint8), (xs, types.int16)):
+            return None
+        if not isinstance(accumulate, types.Boolean):
             return None
 
         def codegen(context, builder, signature, args):
-            isum_a, token, t0, pairs_a, xs_a, first = args
+            isum_a, token, t0, pairs_a, xs_a, first, accumulate = args
             acc, w_rows, x_rows = (_Array(context, builder, signature.args[i], args[i]) for i in (0, 3, 4))
             x_stride = 2 * PAIR_ROWS
             bytes_, wide = _vec(I8, 2 * rows), _vec(I32, rows)
@@ -149,10 +153,11 @@ def _pair_madd(rows, n_pairs, group, shift=0):
                 total = builder.shl(total, ir.Constant(wide, [shift] * rows))
             dst = _at(builder, acc.base,
                       builder.add(builder.mul(token, acc.row_stride), builder.mul(t0, _const(4, t0))), wide)
-            builder.store(builder.add(builder.load(dst, align=4), total), dst, align=4)
+            before = builder.select(accumulate, builder.load(dst, align=4), ir.Constant(wide, [0] * rows))
+            builder.store(builder.add(before, total), dst, align=4)
             return context.get_dummy_value()
 
-        return types.void(isum, types.intp, types.intp, pairs, xs, types.intp), codegen
+        return types.void(isum, types.intp, types.intp, pairs, xs, types.intp, types.boolean), codegen
 
     return pair_madd
 

@@ -87,23 +87,24 @@ def _q4_pairs(qb, ahead, lows, highs):
 
 
 @njit(inline="always")
-def _madd(isum, bb, t0, full, pairs, xpairs, first, bits):
+def _madd(isum, bb, t0, full, pairs, xpairs, first, bits, accumulate):
     """One bytedot pair_madd of `bits`-bit codes: 32 tile rows from t0 (`full`), else the 16 of
-    a tile's last rows. The codes' width bounds how many pairs share an int16 sum: all 8 up to
-    4 bits, 4 at 5 bits, 2 at 6 (of 4 pairs, a 16-element sub-block's half)."""
+    a tile's last rows, added to isum (`accumulate`) or stored. The codes' width bounds how
+    many pairs share an int16 sum: all 8 up to 4 bits, 4 at 5 bits, 2 at 6 (of 4 pairs, a
+    16-element sub-block's half)."""
     if full:
         if bits <= 4:
-            pair_madd8(isum, bb, t0, pairs, xpairs, first)
+            pair_madd8(isum, bb, t0, pairs, xpairs, first, accumulate)
         elif bits == 5:
-            pair_madd8_by4(isum, bb, t0, pairs, xpairs, first)
+            pair_madd8_by4(isum, bb, t0, pairs, xpairs, first, accumulate)
         else:
-            pair_madd4_by2(isum, bb, t0, pairs, xpairs, first)
+            pair_madd4_by2(isum, bb, t0, pairs, xpairs, first, accumulate)
     elif bits <= 4:
-        pair_madd8_half(isum, bb, t0, pairs, xpairs, first)
+        pair_madd8_half(isum, bb, t0, pairs, xpairs, first, accumulate)
     elif bits == 5:
-        pair_madd8_by4_half(isum, bb, t0, pairs, xpairs, first)
+        pair_madd8_by4_half(isum, bb, t0, pairs, xpairs, first, accumulate)
     else:
-        pair_madd4_by2_half(isum, bb, t0, pairs, xpairs, first)
+        pair_madd4_by2_half(isum, bb, t0, pairs, xpairs, first, accumulate)
 
 
 @njit(inline="always")
@@ -118,7 +119,6 @@ def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
     T = isum.shape[1]
     n = half // 2                                  # pairs in each of lows and highs
     full_rows = T - T % PAIR_ROWS
-    isum[:nbt] = 0
     for bb in range(nbt):
         if bits <= 3:
             for p in range(8):
@@ -128,13 +128,13 @@ def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
                 splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
                 splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
         for t0 in range(0, full_rows, PAIR_ROWS):
-            _madd(isum, bb, t0, True, lows, xpairs, 0, bits)
+            _madd(isum, bb, t0, True, lows, xpairs, 0, bits, False)
             if bits > 3:
-                _madd(isum, bb, t0, True, highs, xpairs, 8, bits)
+                _madd(isum, bb, t0, True, highs, xpairs, 8, bits, True)
         if full_rows < T:
-            _madd(isum, bb, full_rows, False, lows, xpairs, 0, bits)
+            _madd(isum, bb, full_rows, False, lows, xpairs, 0, bits, False)
             if bits > 3:
-                _madd(isum, bb, full_rows, False, highs, xpairs, 8, bits)
+                _madd(isum, bb, full_rows, False, highs, xpairs, 8, bits, True)
 
 
 @njit(inline="always")

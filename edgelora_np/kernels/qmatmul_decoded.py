@@ -204,21 +204,20 @@ def _iq4_pair_sums(xq, b0, nbt, o, lo_l, hi_l, lo_h, hi_h, xpairs, isum):
     times the activations' sum."""
     T = isum.shape[1]
     full_rows = T - T % PAIR_ROWS
-    isum[:nbt] = 0
     for bb in range(nbt):
         for p in range(8):
             splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
             splat_pair(xpairs, 8 + p, xq, b0 + bb, o + 16 + 2 * p)
         for t0 in range(0, full_rows, PAIR_ROWS):
-            pair_madd8(isum, bb, t0, lo_l, xpairs, 0)
-            pair_madd8(isum, bb, t0, hi_l, xpairs, 8)
-            pair_madd8_x16(isum, bb, t0, lo_h, xpairs, 0)
-            pair_madd8_x16(isum, bb, t0, hi_h, xpairs, 8)
+            pair_madd8(isum, bb, t0, lo_l, xpairs, 0, False)
+            pair_madd8(isum, bb, t0, hi_l, xpairs, 8, True)
+            pair_madd8_x16(isum, bb, t0, lo_h, xpairs, 0, True)
+            pair_madd8_x16(isum, bb, t0, hi_h, xpairs, 8, True)
         if full_rows < T:
-            pair_madd8_half(isum, bb, full_rows, lo_l, xpairs, 0)
-            pair_madd8_half(isum, bb, full_rows, hi_l, xpairs, 8)
-            pair_madd8_x16_half(isum, bb, full_rows, lo_h, xpairs, 0)
-            pair_madd8_x16_half(isum, bb, full_rows, hi_h, xpairs, 8)
+            pair_madd8_half(isum, bb, full_rows, lo_l, xpairs, 0, False)
+            pair_madd8_half(isum, bb, full_rows, hi_l, xpairs, 8, True)
+            pair_madd8_x16_half(isum, bb, full_rows, lo_h, xpairs, 0, True)
+            pair_madd8_x16_half(isum, bb, full_rows, hi_h, xpairs, 8, True)
 
 
 @njit(inline="always")
