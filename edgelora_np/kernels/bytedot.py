@@ -103,7 +103,7 @@ def splat_pair(typingctx, xs, row, xq, token, offset):
     return types.void(xs, types.intp, xq, types.intp, types.intp), codegen
 
 
-def _pair_madd(rows, n_pairs, group, shift=0):
+def _pair_madd(rows, n_pairs, group, shift=0, tokens=1):
     @intrinsic
     def pair_madd(typingctx, isum, token, t0, pairs, xs, first, accumulate):
         """isum[token, t0 + i] += sum over p < n_pairs of pairs[p, 2(t0+i)] * (the low byte of
@@ -114,7 +114,9 @@ def _pair_madd(rows, n_pairs, group, shift=0):
         codes 4 pairs of 7936; 6-bit codes 2 of 16128). With `shift`, the int32 total is
         multiplied by 2**shift before it is added (the high nibbles of a split byte code).
         With `accumulate` False (a constant at the call site), it is stored instead of added:
-        no pass zeroing isum first (that pass was 9-16% of the batched kernels)."""
+        no pass zeroing isum first (that pass was 9-16% of the batched kernels). With
+        `tokens` = 2, tokens `token` and `token` + 1 in one call, the second's activations in
+        xs rows 16 on: each weight vector is loaded once for both."""
         if not _matrices((isum, types.int32), (pairs, types.uint8), (xs, types.int16)):
             return None
         if not isinstance(accumulate, types.Boolean):
@@ -134,27 +136,32 @@ def _pair_madd(rows, n_pairs, group, shift=0):
                         widen(builder.shuffle_vector(v, v, odd), wide))
 
             col = builder.mul(t0, _const(2, t0))
-            total, partial = None, None
+            totals, partials = [None] * tokens, [None] * tokens
             for p in range(n_pairs):
                 w_at = builder.add(builder.mul(w_rows.row_stride, _const(p, t0)), col)
-                x_at = builder.mul(builder.add(first, _const(p, first)), _const(x_stride, first))
                 w0, w1 = halves(builder.load(_at(builder, w_rows.base, w_at, bytes_), align=1), builder.zext)
-                x0, x1 = halves(builder.load(_at(builder, x_rows.base, x_at, bytes_), align=1), builder.sext)
-                s = builder.add(builder.mul(w0, x0), builder.mul(w1, x1))
-                s = builder.select(builder.icmp_signed("<", s, low), low, s)      # never clamps;
-                s = builder.select(builder.icmp_signed(">", s, high), high, s)    # part of the shape
-                s = builder.trunc(s, _vec(I16, rows))
-                partial = s if partial is None else builder.add(partial, s)
-                if (p + 1) % group == 0 or p == n_pairs - 1:
-                    partial = builder.sext(partial, wide)
-                    total = partial if total is None else builder.add(total, partial)
-                    partial = None
-            if shift:
-                total = builder.shl(total, ir.Constant(wide, [shift] * rows))
-            dst = _at(builder, acc.base,
-                      builder.add(builder.mul(token, acc.row_stride), builder.mul(t0, _const(4, t0))), wide)
-            before = builder.select(accumulate, builder.load(dst, align=4), ir.Constant(wide, [0] * rows))
-            builder.store(builder.add(before, total), dst, align=4)
+                for k in range(tokens):
+                    x_at = builder.mul(builder.add(first, _const(16 * k + p, first)), _const(x_stride, first))
+                    x_vec = builder.load(_at(builder, x_rows.base, x_at, bytes_), align=1)
+                    x0, x1 = halves(x_vec, builder.sext)
+                    s = builder.add(builder.mul(w0, x0), builder.mul(w1, x1))
+                    s = builder.select(builder.icmp_signed("<", s, low), low, s)      # never clamps;
+                    s = builder.select(builder.icmp_signed(">", s, high), high, s)    # part of the shape
+                    s = builder.trunc(s, _vec(I16, rows))
+                    partials[k] = s if partials[k] is None else builder.add(partials[k], s)
+                    if (p + 1) % group == 0 or p == n_pairs - 1:
+                        wide_sum = builder.sext(partials[k], wide)
+                        totals[k] = wide_sum if totals[k] is None else builder.add(totals[k], wide_sum)
+                        partials[k] = None
+            for k in range(tokens):
+                total = totals[k]
+                if shift:
+                    total = builder.shl(total, ir.Constant(wide, [shift] * rows))
+                row = builder.add(token, _const(k, token))
+                dst = _at(builder, acc.base,
+                          builder.add(builder.mul(row, acc.row_stride), builder.mul(t0, _const(4, t0))), wide)
+                before = builder.select(accumulate, builder.load(dst, align=4), ir.Constant(wide, [0] * rows))
+                builder.store(builder.add(before, total), dst, align=4)
             return context.get_dummy_value()
 
         return types.void(isum, types.intp, types.intp, pairs, xs, types.intp, types.boolean), codegen
@@ -169,5 +176,13 @@ pair_madd8_by4 = _pair_madd(PAIR_ROWS, 8, 4)              # 5-bit codes: 8 pairs
 pair_madd8_by4_half = _pair_madd(PAIR_ROWS // 2, 8, 4)
 pair_madd4_by2 = _pair_madd(PAIR_ROWS, 4, 2)              # 6-bit codes: 4 pairs, 2 at a time
 pair_madd4_by2_half = _pair_madd(PAIR_ROWS // 2, 4, 2)
+pair_madd8_2 = _pair_madd(PAIR_ROWS, 8, 8, tokens=2)      # two tokens at once
+pair_madd8_half_2 = _pair_madd(PAIR_ROWS // 2, 8, 8, tokens=2)
+pair_madd8_by4_2 = _pair_madd(PAIR_ROWS, 8, 4, tokens=2)
+pair_madd8_by4_half_2 = _pair_madd(PAIR_ROWS // 2, 8, 4, tokens=2)
+pair_madd4_by2_2 = _pair_madd(PAIR_ROWS, 4, 2, tokens=2)
+pair_madd4_by2_half_2 = _pair_madd(PAIR_ROWS // 2, 4, 2, tokens=2)
 pair_madd8_x16 = _pair_madd(PAIR_ROWS, 8, 8, shift=4)     # the high nibbles of byte codes
 pair_madd8_x16_half = _pair_madd(PAIR_ROWS // 2, 8, 8, shift=4)
+pair_madd8_x16_2 = _pair_madd(PAIR_ROWS, 8, 8, shift=4, tokens=2)
+pair_madd8_x16_half_2 = _pair_madd(PAIR_ROWS // 2, 8, 8, shift=4, tokens=2)

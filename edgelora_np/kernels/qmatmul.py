@@ -50,11 +50,17 @@ from edgelora_np.kernels.bytedot import (
     PAIR_MADD,
     PAIR_ROWS,
     pair_madd4_by2,
+    pair_madd4_by2_2,
     pair_madd4_by2_half,
+    pair_madd4_by2_half_2,
     pair_madd8,
+    pair_madd8_2,
     pair_madd8_by4,
+    pair_madd8_by4_2,
     pair_madd8_by4_half,
+    pair_madd8_by4_half_2,
     pair_madd8_half,
+    pair_madd8_half_2,
     splat_pair,
 )
 from edgelora_np.kernels.prefetch import prefetch
@@ -87,12 +93,26 @@ def _q4_pairs(qb, ahead, lows, highs):
 
 
 @njit(inline="always")
-def _madd(isum, bb, t0, full, pairs, xpairs, first, bits, accumulate):
+def _madd(isum, bb, t0, full, pairs, xpairs, first, bits, accumulate, two):
     """One bytedot pair_madd of `bits`-bit codes: 32 tile rows from t0 (`full`), else the 16 of
-    a tile's last rows, added to isum (`accumulate`) or stored. The codes' width bounds how
-    many pairs share an int16 sum: all 8 up to 4 bits, 4 at 5 bits, 2 at 6 (of 4 pairs, a
-    16-element sub-block's half)."""
-    if full:
+    a tile's last rows, for token bb or (`two`) tokens bb and bb + 1, added to isum
+    (`accumulate`) or stored. The codes' width bounds how many pairs share an int16 sum: all 8
+    up to 4 bits, 4 at 5 bits, 2 at 6 (of 4 pairs, a 16-element sub-block's half)."""
+    if two:
+        if full:
+            if bits <= 4:
+                pair_madd8_2(isum, bb, t0, pairs, xpairs, first, accumulate)
+            elif bits == 5:
+                pair_madd8_by4_2(isum, bb, t0, pairs, xpairs, first, accumulate)
+            else:
+                pair_madd4_by2_2(isum, bb, t0, pairs, xpairs, first, accumulate)
+        elif bits <= 4:
+            pair_madd8_half_2(isum, bb, t0, pairs, xpairs, first, accumulate)
+        elif bits == 5:
+            pair_madd8_by4_half_2(isum, bb, t0, pairs, xpairs, first, accumulate)
+        else:
+            pair_madd4_by2_half_2(isum, bb, t0, pairs, xpairs, first, accumulate)
+    elif full:
         if bits <= 4:
             pair_madd8(isum, bb, t0, pairs, xpairs, first, accumulate)
         elif bits == 5:
@@ -108,33 +128,50 @@ def _madd(isum, bb, t0, full, pairs, xpairs, first, bits, accumulate):
 
 
 @njit(inline="always")
+def _splat_pairs(xpairs, row0, xq, token, o, half, bits):
+    """A token's activation pairs into xpairs rows row0.. (row0 + p: the pair lows[p]
+    multiplies, row0 + 8 + p: highs[p]'s; 2- and 3-bit codes: 8 consecutive pairs)."""
+    if bits <= 3:
+        for p in range(8):
+            splat_pair(xpairs, row0 + p, xq, token, o + 2 * p)
+    else:
+        for p in range(half // 2):
+            splat_pair(xpairs, row0 + p, xq, token, o + 2 * p)
+            splat_pair(xpairs, row0 + 8 + p, xq, token, o + half + 2 * p)
+
+
+@njit(inline="always")
+def _token_sums(isum, bb, T, lows, highs, xpairs, bits, two):
+    """_pair_sums's calls for token bb (or bb and bb + 1) over all of a tile's rows."""
+    full_rows = T - T % PAIR_ROWS
+    for t0 in range(0, full_rows, PAIR_ROWS):
+        _madd(isum, bb, t0, True, lows, xpairs, 0, bits, False, two)
+        if bits > 3:
+            _madd(isum, bb, t0, True, highs, xpairs, 8, bits, True, two)
+    if full_rows < T:
+        _madd(isum, bb, full_rows, False, lows, xpairs, 0, bits, False, two)
+        if bits > 3:
+            _madd(isum, bb, full_rows, False, highs, xpairs, 8, bits, True, two)
+
+
+@njit(inline="always")
 def _pair_sums(xq, b0, nbt, o, half, lows, highs, xpairs, isum, bits):
     """isum[bb] = the exact integer dot products of a block's `bits`-bit codes, unpacked into
     byte pairs (lows: elements 2p and 2p+1; highs: half + 2p and half + 2p + 1), with the
     activations xq[b0 + bb, o:o + 2 * half], for bb < nbt (kernels/bytedot.py). Codes of 2
     or 3 bits (16-element sub-blocks) come as 8 pairs in lows alone (elements 2p, 2p + 1),
-    `half` and highs unused. Each token's activation pairs are laid out in xpairs
-    [16, PAIR_ROWS] int16, then each call adds the pair products of 32 tile rows (16 for a
-    tile's last rows when T % 32 == 16)."""
+    `half` and highs unused. Two tokens at a time lay out their activation pairs in xpairs
+    [32, PAIR_ROWS] int16, rows 0-15 and 16-31, then each call adds the pair products of 32
+    tile rows (16 for a tile's last rows when T % 32 == 16) for both, loading each weight
+    vector once; an odd token last goes alone."""
     T = isum.shape[1]
-    n = half // 2                                  # pairs in each of lows and highs
-    full_rows = T - T % PAIR_ROWS
-    for bb in range(nbt):
-        if bits <= 3:
-            for p in range(8):
-                splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
-        else:
-            for p in range(n):
-                splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
-                splat_pair(xpairs, 8 + p, xq, b0 + bb, o + half + 2 * p)
-        for t0 in range(0, full_rows, PAIR_ROWS):
-            _madd(isum, bb, t0, True, lows, xpairs, 0, bits, False)
-            if bits > 3:
-                _madd(isum, bb, t0, True, highs, xpairs, 8, bits, True)
-        if full_rows < T:
-            _madd(isum, bb, full_rows, False, lows, xpairs, 0, bits, False)
-            if bits > 3:
-                _madd(isum, bb, full_rows, False, highs, xpairs, 8, bits, True)
+    for bb in range(0, nbt - 1, 2):
+        _splat_pairs(xpairs, 0, xq, b0 + bb, o, half, bits)
+        _splat_pairs(xpairs, 16, xq, b0 + bb + 1, o, half, bits)
+        _token_sums(isum, bb, T, lows, highs, xpairs, bits, True)
+    if nbt % 2:
+        _splat_pairs(xpairs, 0, xq, b0 + nbt - 1, o, half, bits)
+        _token_sums(isum, nbt - 1, T, lows, highs, xpairs, bits, False)
 
 
 @njit(inline="always")
@@ -225,7 +262,7 @@ def matmul_q4(qs, d, m, xq, xd, xs, out):
         nibbles = empty_lines((8, T), np.int16)
         lows = empty_lines((8, 2 * T), np.uint8)
         highs = empty_lines((8, 2 * T), np.uint8)
-        xpairs = empty_lines((16, PAIR_ROWS), np.int16)
+        xpairs = empty_lines((32, PAIR_ROWS), np.int16)
         dw = empty_lines((T,), np.float32)
         mw = empty_lines((T,), np.float32)
         first, end = tile_run(part, n_parts, G)
@@ -422,7 +459,7 @@ def matmul_kquant(qs, qh, sc, mn, d, dmin, bits, xq, xd, bsums, out):
         nibbles = empty_lines((8, T), np.int16)
         lows = empty_lines((8, 2 * T), np.uint8)
         highs = empty_lines((8, 2 * T), np.uint8)
-        xpairs = empty_lines((16, PAIR_ROWS), np.int16)
+        xpairs = empty_lines((32, PAIR_ROWS), np.int16)
         weights = empty_lines((2, T), np.int32)
         s0, s1 = weights[0], weights[1]           # the sub-block's scale and min
         scales = empty_lines((2, T), np.float32)

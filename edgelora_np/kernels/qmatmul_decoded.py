@@ -53,13 +53,16 @@ from edgelora_np.kernels.bytedot import (
     PAIR_MADD,
     PAIR_ROWS,
     pair_madd8,
+    pair_madd8_2,
     pair_madd8_half,
+    pair_madd8_half_2,
     pair_madd8_x16,
+    pair_madd8_x16_2,
     pair_madd8_x16_half,
-    splat_pair,
+    pair_madd8_x16_half_2,
 )
 from edgelora_np.kernels.prefetch import prefetch
-from edgelora_np.kernels.qmatmul import _pair_sums
+from edgelora_np.kernels.qmatmul import _pair_sums, _splat_pairs
 from edgelora_np.kernels.scratch import empty_lines, thread_parts, tile_run
 
 TOKEN_CHUNK = 16          # tokens that share one decoded block (bounds the [BT, T] sums)
@@ -208,27 +211,47 @@ def _iq4_pairs(qs_blk, ahead, w, lo_l, hi_l, lo_h, hi_h):
 
 
 @njit(inline="always")
-def _iq4_pair_sums(xq, b0, nbt, o, lo_l, hi_l, lo_h, hi_h, xpairs, isum):
-    """isum[bb] = sum_j (level[j] + 128) * xq[b0 + bb, o + j] over an IQ4 32-block split by
-    _iq4_pairs, for bb < nbt: the l pairs' products plus 16 times the h pairs', each pair_madd8
-    summing 8 pairs in int16 (2 * 15 * 128 * 8 = 30720 < 2**15). The caller subtracts 128
-    times the activations' sum."""
-    T = isum.shape[1]
+def _iq4_token_sums(isum, bb, T, lo_l, hi_l, lo_h, hi_h, xpairs, two):
+    """_iq4_pair_sums's calls for token bb (or bb and bb + 1) over all of a tile's rows."""
     full_rows = T - T % PAIR_ROWS
-    for bb in range(nbt):
-        for p in range(8):
-            splat_pair(xpairs, p, xq, b0 + bb, o + 2 * p)
-            splat_pair(xpairs, 8 + p, xq, b0 + bb, o + 16 + 2 * p)
-        for t0 in range(0, full_rows, PAIR_ROWS):
+    for t0 in range(0, full_rows, PAIR_ROWS):
+        if two:
+            pair_madd8_2(isum, bb, t0, lo_l, xpairs, 0, False)
+            pair_madd8_2(isum, bb, t0, hi_l, xpairs, 8, True)
+            pair_madd8_x16_2(isum, bb, t0, lo_h, xpairs, 0, True)
+            pair_madd8_x16_2(isum, bb, t0, hi_h, xpairs, 8, True)
+        else:
             pair_madd8(isum, bb, t0, lo_l, xpairs, 0, False)
             pair_madd8(isum, bb, t0, hi_l, xpairs, 8, True)
             pair_madd8_x16(isum, bb, t0, lo_h, xpairs, 0, True)
             pair_madd8_x16(isum, bb, t0, hi_h, xpairs, 8, True)
-        if full_rows < T:
+    if full_rows < T:
+        if two:
+            pair_madd8_half_2(isum, bb, full_rows, lo_l, xpairs, 0, False)
+            pair_madd8_half_2(isum, bb, full_rows, hi_l, xpairs, 8, True)
+            pair_madd8_x16_half_2(isum, bb, full_rows, lo_h, xpairs, 0, True)
+            pair_madd8_x16_half_2(isum, bb, full_rows, hi_h, xpairs, 8, True)
+        else:
             pair_madd8_half(isum, bb, full_rows, lo_l, xpairs, 0, False)
             pair_madd8_half(isum, bb, full_rows, hi_l, xpairs, 8, True)
             pair_madd8_x16_half(isum, bb, full_rows, lo_h, xpairs, 0, True)
             pair_madd8_x16_half(isum, bb, full_rows, hi_h, xpairs, 8, True)
+
+
+@njit(inline="always")
+def _iq4_pair_sums(xq, b0, nbt, o, lo_l, hi_l, lo_h, hi_h, xpairs, isum):
+    """isum[bb] = sum_j (level[j] + 128) * xq[b0 + bb, o + j] over an IQ4 32-block split by
+    _iq4_pairs, for bb < nbt: the l pairs' products plus 16 times the h pairs', each pair_madd8
+    summing 8 pairs in int16 (2 * 15 * 128 * 8 = 30720 < 2**15), two tokens per call as
+    qmatmul._pair_sums does. The caller subtracts 128 times the activations' sum."""
+    T = isum.shape[1]
+    for bb in range(0, nbt - 1, 2):
+        _splat_pairs(xpairs, 0, xq, b0 + bb, o, 16, 4)
+        _splat_pairs(xpairs, 16, xq, b0 + bb + 1, o, 16, 4)
+        _iq4_token_sums(isum, bb, T, lo_l, hi_l, lo_h, hi_h, xpairs, True)
+    if nbt % 2:
+        _splat_pairs(xpairs, 0, xq, b0 + nbt - 1, o, 16, 4)
+        _iq4_token_sums(isum, nbt - 1, T, lo_l, hi_l, lo_h, hi_h, xpairs, False)
 
 
 @njit(inline="always")
@@ -417,7 +440,7 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
         w16 = empty_lines((32, T), np.int16)      # the decoded block, q5 or iq4nl
         lo_l, hi_l = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
         lo_h, hi_h = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
-        xpairs = empty_lines((16, PAIR_ROWS), np.int16)
+        xpairs = empty_lines((32, PAIR_ROWS), np.int16)
         dw = empty_lines((T,), np.float32)
         mw = empty_lines((T,), np.float32)
         mw[...] = 0
@@ -489,7 +512,7 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
         wiq4 = empty_lines((32, T), np.int16)
         lo_l, hi_l = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
         lo_h, hi_h = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
-        xpairs = empty_lines((16, PAIR_ROWS), np.int16)
+        xpairs = empty_lines((32, PAIR_ROWS), np.int16)
         s = empty_lines((T,), np.int32)           # an IQ4_XS sub-block's scales
         dws = empty_lines((2, T), np.float32)
         dws[...] = 0
