@@ -23,9 +23,10 @@ Cortex-A72; tests/test_kernels.py reads the instructions of a compiled kernel.
 The layout (kernels/qmatmul.py, _q4_pairs and _pair_sums): a 32-block's 16 code rows unpacked
 into byte pairs, lows and highs [8, 2T] uint8: lows[p] holds, for each tile row t, the codes of
 elements 2p and 2p+1 at bytes 2t and 2t+1, highs[p] those of elements 16+2p and 17+2p (for
-Q6_K's 16-element sub-blocks, p < 4 and 8+2p, 9+2p). One token's activation pairs go to xs
-[16, PAIR_ROWS] int16: row p the pair lows[p] multiplies, row 8+p the pair highs[p] multiplies,
-each repeated across the row. They are stored, not broadcast in registers: LLVM's middle end
+Q6_K's 16-element sub-blocks, p < 4 and 8+2p, 9+2p). A token's activation pairs go to 16 rows
+of xs [32, PAIR_ROWS] int16: row p the pair lows[p] multiplies, row 8+p the pair highs[p]
+multiplies, each repeated across the row; a second token's to rows 16-31, so that one call
+multiplies each weight vector it loads by both. They are stored, not broadcast in registers: LLVM's middle end
 turns a broadcast pair into two per-byte broadcasts, and then the backend no longer sees the
 shape. (lows and highs are separate allocations: as one [16, 2T] array, the highs eight rows
 after the lows, the kernel ran at half the speed on the Zen 5 VM, for reasons of cache
