@@ -115,7 +115,7 @@ def _pair_madd(rows, n_pairs, group, shift=0, tokens=1):
         codes 4 pairs of 7936; 6-bit codes 2 of 16128). With `shift`, the int32 total is
         multiplied by 2**shift before it is added (the high nibbles of a split byte code).
         With `accumulate` False (a constant at the call site), it is stored instead of added:
-        no pass zeroing isum first (that pass was 9-16% of the batched kernels). With
+        no pass zeroing isum first (that pass was 8-16% of the batched kernels). With
         `tokens` = 2, tokens `token` and `token` + 1 in one call, the second's activations in
         xs rows 16 on: each weight vector is loaded once for both."""
         if not _matrices((isum, types.int32), (pairs, types.uint8), (xs, types.int16)):
