@@ -23,7 +23,7 @@ from numba import njit
 from tiny_model import K_TYPES, RANDOM_TYPES, random_k_blocks
 
 from edgelora_np.errors import ContextOverflowError, UnsupportedQuantError
-from edgelora_np.kernels import actquant, attention, bits, elementwise, pack, qmatmul_decoded
+from edgelora_np.kernels import actquant, attention, bits, elementwise, lookup, pack, qmatmul_decoded
 from edgelora_np.kernels.qmatmul import TOKEN_CHUNK
 from edgelora_np.kernels.scratch import empty_lines, tile_run
 from edgelora_np.model.config import LlamaConfig
@@ -200,13 +200,13 @@ def _kernel_assembly(kernel: str) -> str:
     return "".join(fresh.inspect_asm().values())
 
 
-def _decoded_kernel_assembly(qtype) -> str:
+def _decoded_kernel_assembly(qtype, tokens: int = 3) -> str:
     """The assembly of a fresh compile of the kernels/qmatmul_decoded.py kernel for qtype, run
-    by pack.matmul on a batch of three."""
+    by pack.matmul on a batch of `tokens`."""
     kernel = "matmul_b32_decoded" if qtype in (QT.Q5_0, QT.Q5_1, QT.IQ4_NL) else "matmul_k_decoded"
     fresh = njit(parallel=True)(getattr(qmatmul_decoded, kernel).py_func)
     w = packed(qtype, 32, 256, seed=0, n_threads=1)
-    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((tokens, 256)).astype(np.float32)
     with mock.patch.object(pack, kernel, fresh):
         pack.matmul(w, x)
     return "".join(fresh.inspect_asm().values())
@@ -415,21 +415,39 @@ def test_decoded_kernels_integer_sums_at_the_extremes(qtype, batch, sign):
 
 @njit
 def _iq4_levels_of_bytes(codes, lo, hi):
-    for t in range(codes.shape[0]):                     # a loop LLVM vectorizes, as the kernels'
-        q = np.int16(codes[t])
-        lo[t] = qmatmul_decoded._iq4_level(q & np.int16(15))
-        hi[t] = qmatmul_decoded._iq4_level(q >> np.int16(4))
+    lookup.levels(codes, lo, 0)
+    lookup.levels(codes, hi, 4)
 
 
-def test_iq4_levels_computed_equal_ggml_table():
-    """The IQ4 kernels compute each code's level by arithmetic instead of a table lookup: every
-    code byte, in a vectorized loop and one at a time, gives gguf-py's kvalues for both nibbles."""
+def test_iq4_levels_looked_up_equal_ggml_table():
+    """The IQ4 kernels look each code's level up 16 codes at a time in registers
+    (kernels/lookup.py): every code byte gives gguf-py's kvalues for both nibbles."""
     kvalues = np.array(gguf.quants.IQ4_NL.kvalues, np.int16)
-    codes = np.arange(256, dtype=np.uint8)
-    lo, hi = np.empty(256, np.int16), np.empty(256, np.int16)
+    codes = np.concatenate([np.arange(256), np.arange(256)[::-1]]).astype(np.uint8)
+    lo, hi = np.empty(512, np.int8), np.empty(512, np.int8)
     _iq4_levels_of_bytes(codes, lo, hi)
     assert np.array_equal(lo, kvalues[codes & 15]) and np.array_equal(hi, kvalues[codes >> 4])
-    assert [qmatmul_decoded._iq4_level(np.int16(q)) for q in range(16)] == list(kvalues)
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="reads the compiled kernels' assembly")
+def test_iq4_levels_compile_to_a_byte_shuffle():
+    """The lookup's IR must reach the target's byte shuffle (x86 `pshufb`/`vpermb`, AArch64
+    `tbl`): anything else means LLVM no longer saw the variable-permute shape and built the
+    levels one byte at a time. On x86 also inside both IQ4 kernels at one token (in the
+    emulated-Pi job, Numba gave back only these two kernels' entry stub as their assembly)."""
+    import platform
+    import re
+
+    machine = platform.machine()
+    if machine not in ("x86_64", "aarch64"):
+        pytest.skip(f"no expectation written down for {machine}")
+    shuffle = r"\btbl\b" if machine == "aarch64" else r"\bv?(pshufb|permb)\b"
+    codes = np.arange(64, dtype=np.uint8)
+    _iq4_levels_of_bytes(codes, np.empty(64, np.int8), np.empty(64, np.int8))
+    assert re.search(shuffle, "".join(_iq4_levels_of_bytes.inspect_asm().values()))
+    if machine == "x86_64":
+        for qtype in (QT.IQ4_NL, QT.IQ4_XS):
+            assert re.search(shuffle, _decoded_kernel_assembly(qtype, tokens=1)), qtype.name
 
 
 # --- packed_rows, pack_stacked -----------------------------------------------------------------

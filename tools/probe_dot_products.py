@@ -17,6 +17,9 @@ Forms (all exact integer arithmetic):
   pair u8 x s8 -> i16       even and odd bytes widened, multiplied, each pair added, clamped
                            to int16: the shape of kernels/bytedot.py (x86's `pmaddubsw`)
   i16 mul-add              the other kernels: int16 products added in int16 lanes
+And one that is not a dot product:
+  16-entry lookup          a 16-byte table indexed lane by lane by a vector of codes
+                           (kernels/lookup.py, the IQ4 levels): a byte shuffle if LLVM sees it
 """
 
 from __future__ import annotations
@@ -108,6 +111,27 @@ define <{n} x i16> @f(<{n} x i16> %acc, <{n} x i16> %w, i16 %x) {{
 """
 
 
+def lookup16(n: int = 16) -> str:
+    """kernels/lookup.py's shape: n lanes, each extracted from a 16-byte table at the index in
+    the same lane of the codes (the IQ4 levels; a "variable permute" to LLVM)."""
+    table = ", ".join(f"i8 {v}" for v in (-127, -104, -83, -65, -49, -35, -22, -10,
+                                          1, 13, 25, 38, 53, 69, 89, 113))
+    body, prev = [], "poison"
+    for i in range(n):
+        body.append(f"  %c{i} = extractelement <{n} x i8> %q, i32 {i}")
+        body.append(f"  %l{i} = extractelement <16 x i8> <{table}>, i8 %c{i}")
+        body.append(f"  %r{i} = insertelement <{n} x i8> {prev}, i8 %l{i}, i32 {i}")
+        prev = f"%r{i}"
+    lines = "\n".join(body)
+    return f"""
+define <{n} x i8> @f(<{n} x i8> %codes) {{
+  %q = and <{n} x i8> %codes, splat (i8 15)
+{lines}
+  ret <{n} x i8> {prev}
+}}
+"""
+
+
 FORMS = {
     "partial-reduce s8 x s8, 16 bytes": partial_reduce(16, "sext"),
     "partial-reduce s8 x s8, 64 bytes": partial_reduce(64, "sext"),
@@ -115,6 +139,7 @@ FORMS = {
     "pair i16 -> i32, 32 products": pair_i16(),
     "pair u8 x s8 -> i16, 64 products": pair_u8s8(),
     "i16 mul-add, 32 products": mul_add_i16(),
+    "16-entry lookup, 16 codes": lookup16(),
 }
 
 

@@ -3,6 +3,7 @@
     python tools/profile_decode.py [--model PATH] [--tokens 64] [--prompt-tokens 256]
     python tools/profile_decode.py --kernels [Q4_0,Q2_K,...] [--against REV]
     python tools/profile_decode.py --workload [--against REV]
+    python tools/profile_decode.py --model PATH --against REV
     python tools/profile_decode.py --lora
 
 Prints the share of wall time of each Numba kernel and of the Python around them, for decode
@@ -24,6 +25,11 @@ seven projections with Zipf popularity, alpha = 1) submitted at once to an Engin
 sequences and 256 tokens per step; output tok/s of each run, then cProfile over one more run.
 With --against REV, REV's matmul kernels and today's run the same mix alternately (3 rounds),
 and the generated tokens are compared.
+
+--model PATH --against REV (without --kernels or --workload): the whole model's prefill (256
+tokens in 128-token forwards) and greedy decode (64 tokens) with REV's matmul kernels and
+today's alternately in one process, 5 rounds after a warm-up each, medians and their ratio; the
+generated tokens must be the same.
 
 --lora: the LoRA corrections alone of one decode step of 32 sequences with 32 distinct random
 rank-8 adapters on all seven projections (bench_lora's), every layer and projection group
@@ -50,7 +56,7 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="?", const="all", default=None, metavar="TYPES",
                     help="time each quant type's matmul alone (comma-separated GGML type names)")
     ap.add_argument("--against", metavar="REV", default=None,
-                    help="with --kernels or --workload: time the matmul kernels of git "
+                    help="with --kernels, --workload or --model: time the matmul kernels of git "
                          "revision REV too")
     ap.add_argument("--workload", action="store_true",
                     help="profile batched multi-LoRA decode under the workload's request mix")
@@ -61,6 +67,8 @@ def main() -> None:
         return lora_step(args.model, args.threads)
     if args.workload:
         return workload(args.model, args.threads, args.against)
+    if args.against is not None and args.model is not None and args.kernels is None:
+        return model_ab(args.model, args.threads, args.against)
     if args.against is not None:
         return kernel_ab(args.kernels or "all", args.against)
     if args.kernels is not None:
@@ -255,6 +263,49 @@ def kernel_ab(types: str, rev: str, n: int = 2816, k: int = 1024, rounds: int = 
             rate = {v: b * n * k / best[v] / 1e9 for v in best}
             print(f"| {name} | {b} | {rate[rev]:.2f} | {rate['today']:.2f} | "
                   f"{best[rev] / best['today']:.2f}x | {same} |", flush=True)
+
+
+def model_ab(model: str, threads: int | None, rev: str, rounds: int = 5) -> None:
+    import statistics
+
+    import edgelora_np as el
+    from edgelora_np.model.batch import Batch
+
+    m = el.load_model(model, n_threads=threads, progress=False)
+    llama = m.llama
+    kernels_of = kernel_switch(rev)
+    ids = [(1000 + i) % m.config.vocab_size for i in range(256)]
+
+    def once() -> tuple[float, float, list[int]]:
+        cache = llama.new_cache(len(ids) + 72)
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), 128):
+            logits = llama.forward(Batch.single(ids[i:i + 128], start=i), cache)
+        t1 = time.perf_counter()
+        tok, n, out = int(np.argmax(logits[-1])), len(ids), []
+        for _ in range(64):
+            logits = llama.forward(Batch.single([tok], start=n), cache)
+            tok, n = int(np.argmax(logits[-1])), n + 1
+            out.append(tok)
+        return len(ids) / (t1 - t0), 64 / (time.perf_counter() - t1), out
+
+    runs: dict[str, list] = {rev: [], "today": []}
+    tokens = {}
+    for r in range(rounds + 1):                        # round 0 compiles and warms up
+        for variant in (rev, "today"):
+            with kernels_of(variant):
+                prefill, decode, tokens[variant] = once()
+            if r:
+                runs[variant].append((prefill, decode))
+    if tokens[rev] != tokens["today"]:
+        raise SystemExit(f"{rev}'s kernels and today's generated different tokens")
+    med = {v: [statistics.median(x[i] for x in runs[v]) for i in (0, 1)] for v in runs}
+    print(f"{model}: medians of {rounds} alternating rounds, the same tokens\n")
+    print(f"| | {rev} | today | today / {rev} |")
+    print("| --- | ---: | ---: | ---: |")
+    for i, what in enumerate(("prefill tok/s", "decode tok/s")):
+        print(f"| {what} | {med[rev][i]:.1f} | {med['today'][i]:.1f} | "
+              f"{med['today'][i] / med[rev][i]:.2f}x |")
 
 
 def workload(model: str | None, threads: int | None, rev: str | None, n_adapters: int = 32,

@@ -6,12 +6,13 @@ IQ4_NL (32-blocks), Q2_K, Q3_K and IQ4_XS (256-blocks).
 Rows are tiled as in kernels/qmatmul.py (T rows interleaved, the inner loop over them). For one
 block of one tile, the Q5 and IQ4 kernels first turn the stored bits into the block's small
 signed integer weights, w [bs, T] int16 (shifts and masks; for the IQ4 types, ggml's 16 levels
-kvalues_iq4nl, computed from the code by a quartic in 16-bit arithmetic, not looked up: see
-_iq4_level), then every token of the chunk takes its exact integer dot product with them. The
-decode is paid once per block and tile and shared by the batch; weights stay at file size in
-memory and are never widened to float. With one token there is nothing to share, and they
-decode as they multiply instead, without storing the block. Q2_K and Q3_K never decode: each
-token takes its products straight from the packed bytes (_two_bit_token).
+kvalues_iq4nl, looked up 16 codes at a time by a byte shuffle in registers: kernels/lookup.py),
+then every token of the chunk takes its exact integer dot product with them. The decode is paid
+once per block and tile and shared by the batch; weights stay at file size in memory and are
+never widened to float. With one token there is nothing to share, and the Q5 types decode as
+they multiply instead, without storing the block (the IQ4 types store it: a lookup is a whole
+vector at once). Q2_K and Q3_K never decode: each token takes its products straight from the
+packed bytes (_two_bit_token).
 Where the products are small (Q5_0/Q5_1: |w| <= 31, Q2_K/Q3_K: |w| <= 4, times |x| <= 127),
 8 to 16 rows are summed in int16 lanes before widening, as matmul_q4 does; the IQ4 levels
 reach 127, so only the two products of one code byte share an int16 sum at one token, and with
@@ -61,6 +62,7 @@ from edgelora_np.kernels.bytedot import (
     pair_madd8_x16_half,
     pair_madd8_x16_half_2,
 )
+from edgelora_np.kernels.lookup import levels
 from edgelora_np.kernels.prefetch import prefetch
 from edgelora_np.kernels.qmatmul import _pair_sums, _splat_pairs
 from edgelora_np.kernels.scratch import empty_lines, thread_parts, tile_run
@@ -124,60 +126,37 @@ def _dot_q5_one_token(qs_blk, ahead, qh_blk, zero, xr, o, rows, prow, irow):
 
 
 @njit(inline="always")
-def _iq4_level(q):
-    """IQ4_NL_VALUES[q] for a code q in 0..15 (int16), by arithmetic in 16-bit lanes:
-    h = ((q + 53) q - 1637) q + 25644 (15,360..25,644), then (64 q * h) >> 16, minus 127.
-    That is floor(p(q) / 1024) - 127 for a quartic p, and it hits all 16 levels exactly
-    (tests/test_kernels.py). A table lookup would be a gather, which LLVM vectorizes only where
-    the target's gathers are cheap (not AMD's; AArch64 has none). This vectorizes anywhere: on
-    the Zen 5 VM LLVM makes about 16 instructions per 32 codes of it, in 32-bit lanes (it folds
-    64 q * h >> 16 into q * h >> 10 and picks `vpdpwssd` for the first step)."""
-    h = np.int16(np.int16(np.int16(q + np.int16(53)) * q) - np.int16(1637))
-    h = np.int16(np.int16(h * q) + np.int16(25644))
-    return np.int16(np.int16((np.int32(q << np.int16(6)) * np.int32(h)) >> np.int32(16))
-                    - np.int16(127))
-
-
-@njit(inline="always")
 def _decode_iq4(qs_blk, ahead, w):
-    """One IQ4 32-block of a tile -> w [32, T] int16: the level of each code (_iq4_level);
-    `ahead`'s rows prefetched as in _decode_q5."""
-    T = w.shape[1]
+    """One IQ4 32-block of a tile -> w [32, T] int8: the level of each code, looked up 16
+    codes at a time in registers (kernels/lookup.py); `ahead`'s rows prefetched as in
+    _decode_q5."""
     for j in range(16):
-        qrow = qs_blk[j]
         prefetch(ahead[j])
-        for t in range(T):
-            q = np.int16(qrow[t])
-            w[j, t] = _iq4_level(q & np.int16(15))
-            w[j + 16, t] = _iq4_level(q >> np.int16(4))
+        levels(qs_blk[j], w[j], 0)
+        levels(qs_blk[j], w[j + 16], 4)
 
 
 @njit(inline="always")
-def _dot_iq4_one_token(qs_blk, ahead, xr, o, irow):
-    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over an IQ4 32-block, computing each
-    code's level (as _decode_iq4) as it multiplies instead of storing the block: the two
-    products of a code byte in int16 (|level| <= 127, |x| <= 127: at most 32,258), four code
-    bytes' sums widened and added to irow in one pass (one load and store of it per four)."""
+def _dot_iq4_one_token(qs_blk, ahead, xr, o, irow, w):
+    """irow[t] = sum_j w[j, t] * xr[o + j] for one token over an IQ4 32-block: the block's
+    levels looked up into w [32, T] int8 first (_decode_iq4), then the two products of a code byte
+    summed in int16 (|level| <= 127, |x| <= 127: at most 32,258), four code bytes' sums
+    widened and added to irow in one pass (one load and store of it per four)."""
     T = irow.shape[0]
+    _decode_iq4(qs_blk, ahead, w)
     irow[:] = 0
     for j in range(0, 16, 4):
-        q0, q1, q2, q3 = qs_blk[j], qs_blk[j + 1], qs_blk[j + 2], qs_blk[j + 3]
-        prefetch(ahead[j:j + 4])
         x0, y0 = np.int16(xr[o + j]), np.int16(xr[o + j + 16])
         x1, y1 = np.int16(xr[o + j + 1]), np.int16(xr[o + j + 17])
         x2, y2 = np.int16(xr[o + j + 2]), np.int16(xr[o + j + 18])
         x3, y3 = np.int16(xr[o + j + 3]), np.int16(xr[o + j + 19])
+        w0, v0, w1, v1 = w[j], w[j + 16], w[j + 1], w[j + 17]
+        w2, v2, w3, v3 = w[j + 2], w[j + 18], w[j + 3], w[j + 19]
         for t in range(T):
-            a, b = np.int16(q0[t]), np.int16(q1[t])
-            c, d = np.int16(q2[t]), np.int16(q3[t])
-            irow[t] += (np.int32(np.int16(_iq4_level(a & np.int16(15)) * x0
-                                          + _iq4_level(a >> np.int16(4)) * y0))
-                        + np.int32(np.int16(_iq4_level(b & np.int16(15)) * x1
-                                            + _iq4_level(b >> np.int16(4)) * y1))
-                        + np.int32(np.int16(_iq4_level(c & np.int16(15)) * x2
-                                            + _iq4_level(c >> np.int16(4)) * y2))
-                        + np.int32(np.int16(_iq4_level(d & np.int16(15)) * x3
-                                            + _iq4_level(d >> np.int16(4)) * y3)))
+            irow[t] += (np.int32(np.int16(np.int16(w0[t]) * x0 + np.int16(v0[t]) * y0))
+                        + np.int32(np.int16(np.int16(w1[t]) * x1 + np.int16(v1[t]) * y1))
+                        + np.int32(np.int16(np.int16(w2[t]) * x2 + np.int16(v2[t]) * y2))
+                        + np.int32(np.int16(np.int16(w3[t]) * x3 + np.int16(v3[t]) * y3)))
 
 
 @njit(inline="always")
@@ -200,7 +179,7 @@ def _iq4_pairs(qs_blk, ahead, w, lo_l, hi_l, lo_h, hi_h):
     products fit: u = level + 128 (1..241) is 16 h + l with h and l nibbles, lo_l[p] and
     lo_h[p] holding l and h of elements 2p and 2p+1 at bytes 2t and 2t+1, hi_l[p] and hi_h[p]
     those of elements 16+2p and 17+2p (_iq4_pair_sums). The levels are decoded into w
-    [32, T] int16 first; then each pair row takes a pass of its own (passes writing several
+    [32, T] int8 first; then each pair row takes a pass of its own (passes writing several
     rows did not vectorize)."""
     _decode_iq4(qs_blk, ahead, w)
     for p in range(8):
@@ -437,7 +416,8 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
         acc = empty_lines((TOKEN_CHUNK, T), np.float32)
         isum = empty_lines((TOKEN_CHUNK, T), np.int32)
         psum = empty_lines((TOKEN_CHUNK, T), np.int16)
-        w16 = empty_lines((32, T), np.int16)      # the decoded block, q5 or iq4nl
+        w16 = empty_lines((32, T), np.int16)      # the decoded block, q5
+        w8 = empty_lines((32, T), np.int8)        # the decoded block, iq4nl
         lo_l, hi_l = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
         lo_h, hi_h = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
         xpairs = empty_lines((32, PAIR_ROWS), np.int16)
@@ -462,9 +442,9 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
                         _decode_q5(qs[g, ib], qs[g, ahead], qh[g, ib], zero, w16)
                         _dot_int16(w16, xq, b0, nbt, ib * 32, rows, psum, isum)
                     elif nbt == 1:
-                        _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0])
+                        _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * 32, isum[0], w8)
                     elif PAIR_MADD:
-                        _iq4_pairs(qs[g, ib], qs[g, ahead], w16, lo_l, hi_l, lo_h, hi_h)
+                        _iq4_pairs(qs[g, ib], qs[g, ahead], w8, lo_l, hi_l, lo_h, hi_h)
                         _iq4_pair_sums(xq, b0, nbt, ib * 32, lo_l, hi_l, lo_h, hi_h, xpairs, isum)
                         for bb in range(nbt):               # the levels' offset of 128
                             xr = xq[b0 + bb, ib * 32:ib * 32 + 32]
@@ -473,8 +453,8 @@ def matmul_b32_decoded(qs, qh, d, m, xq, xd, xs, out):
                                 c += np.int32(xr[j])
                             _subtract(isum[bb], 128 * c)
                     else:
-                        _decode_iq4(qs[g, ib], qs[g, ahead], w16)
-                        _dot_int32(w16, xq, b0, nbt, ib * 32, isum)
+                        _decode_iq4(qs[g, ib], qs[g, ahead], w8)
+                        _dot_int32(w8, xq, b0, nbt, ib * 32, isum)
                     for t in range(T):
                         dw[t] = f16_to_f32(d[g, ib, t])
                     if has_m:
@@ -509,7 +489,7 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
         psum = empty_lines((TOKEN_CHUNK, T), np.int16)
         itot = empty_lines((TOKEN_CHUNK, T), np.int32)
         imin = empty_lines((TOKEN_CHUNK, T), np.int32)
-        wiq4 = empty_lines((32, T), np.int16)
+        wiq4 = empty_lines((32, T), np.int8)
         lo_l, hi_l = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
         lo_h, hi_h = empty_lines((8, 2 * T), np.uint8), empty_lines((8, 2 * T), np.uint8)
         xpairs = empty_lines((32, PAIR_ROWS), np.int16)
@@ -540,7 +520,7 @@ def matmul_k_decoded(kind, qs, qh, sc, d, dmin, xq, xd, bsums, out):
                         if kind == KIND_IQ4XS:
                             if nbt == 1:
                                 _dot_iq4_one_token(qs[g, ib], qs[g, ahead], xq[b0], ib * bs,
-                                                   isum[0])
+                                                   isum[0], wiq4)
                             elif PAIR_MADD:
                                 _iq4_pairs(qs[g, ib], qs[g, ahead], wiq4, lo_l, hi_l, lo_h, hi_h)
                                 _iq4_pair_sums(xq, b0, nbt, ib * bs, lo_l, hi_l, lo_h, hi_h, xpairs,
