@@ -12,7 +12,8 @@ it: `vpermb` on x86 with AVX-512 VBMI (Zen 4/5), `pshufb` with SSSE3/AVX2, `tbl`
 (Cortex-A72 and A76 alike). Numba never writes that shape, so `levels` emits it (an
 @intrinsic, as kernels/bytedot.py does): no target intrinsic is named; the IR is the same for
 every target. `python tools/probe_dot_products.py` prints what it becomes on Zen 5, the A76
-and the A72 ("16-entry lookup"); tests/test_kernels.py reads the shuffle in a compiled kernel.
+and the A72 ("16-entry lookup"); tests/test_kernels.py reads the shuffle in the compiled
+lookup (on x86 in both IQ4 kernels too).
 
 `levels(src, dst, shift)`: dst[t] = IQ4_NL_VALUES[(src[t] >> shift) & 15], for t over the
 whole row, src a row of code bytes (uint8), dst a row of int8 (shift 0: the low nibbles, 4: the

@@ -5,8 +5,9 @@ IQ4_NL (32-blocks), Q2_K, Q3_K and IQ4_XS (256-blocks).
 
 Rows are tiled as in kernels/qmatmul.py (T rows interleaved, the inner loop over them). For one
 block of one tile, the Q5 and IQ4 kernels first turn the stored bits into the block's small
-signed integer weights, w [bs, T] int16 (shifts and masks; for the IQ4 types, ggml's 16 levels
-kvalues_iq4nl, looked up 16 codes at a time by a byte shuffle in registers: kernels/lookup.py),
+signed integer weights, w [bs, T] int16 (shifts and masks; for the IQ4 types int8, ggml's 16
+levels kvalues_iq4nl, looked up 16 codes at a time by a byte shuffle in registers:
+kernels/lookup.py),
 then every token of the chunk takes its exact integer dot product with them. The decode is paid
 once per block and tile and shared by the batch; weights stay at file size in memory and are
 never widened to float. With one token there is nothing to share, and the Q5 types decode as
