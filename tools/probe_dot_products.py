@@ -114,8 +114,9 @@ define <{n} x i16> @f(<{n} x i16> %acc, <{n} x i16> %w, i16 %x) {{
 def lookup16(n: int = 16) -> str:
     """kernels/lookup.py's shape: n lanes, each extracted from a 16-byte table at the index in
     the same lane of the codes (the IQ4 levels; a "variable permute" to LLVM)."""
-    table = ", ".join(f"i8 {v}" for v in (-127, -104, -83, -65, -49, -35, -22, -10,
-                                          1, 13, 25, 38, 53, 69, 89, 113))
+    from edgelora_np.gguf.quants import IQ4_NL_VALUES
+
+    table = ", ".join(f"i8 {v}" for v in IQ4_NL_VALUES)
     body, prev = [], "poison"
     for i in range(n):
         body.append(f"  %c{i} = extractelement <{n} x i8> %q, i32 {i}")

@@ -75,21 +75,13 @@ def main() -> None:
         return kernel_rates(args.kernels)
 
     import edgelora_np as el
-    from edgelora_np.model.batch import Batch
 
     m = el.load_model(args.model, n_threads=args.threads, progress=False)
-    llama = m.llama
-    cache = llama.new_cache(args.prompt_tokens + args.tokens + 8)
-    ids = [(1000 + i) % m.config.vocab_size for i in range(args.prompt_tokens)]
-    for i in range(0, len(ids), 128):
-        logits = llama.forward(Batch.single(ids[i:i + 128], start=i), cache)
-    n = len(ids)
-    tok = int(np.argmax(logits[-1]))
+    cache = m.llama.new_cache(args.prompt_tokens + args.tokens + 8)
+    tok = prefill(m, cache, args.prompt_tokens)
     t0 = time.perf_counter()
     with profiled() as profile:
-        for _ in range(args.tokens):
-            logits = llama.forward(Batch.single([tok], start=n), cache)
-            tok, n = int(np.argmax(logits[-1])), n + 1
+        decode(m, cache, tok, args.prompt_tokens, args.tokens)
     wall = time.perf_counter() - t0
     rows = []
     for (file, _, func), (_, _, tottime, _, _) in profile.stats.items():
@@ -101,6 +93,29 @@ def main() -> None:
     print("| --- | ---: | ---: |")
     for tottime, name in rows[:12]:
         print(f"| {name} | {1000 * tottime / args.tokens:.2f} | {100 * tottime / wall:.1f}% |")
+
+
+def prefill(m, cache, n_prompt: int) -> int:
+    """A fixed prompt of n_prompt token ids through the model in 128-token forwards; the
+    greedy next token."""
+    from edgelora_np.model.batch import Batch
+
+    ids = [(1000 + i) % m.config.vocab_size for i in range(n_prompt)]
+    for i in range(0, n_prompt, 128):
+        logits = m.llama.forward(Batch.single(ids[i:i + 128], start=i), cache)
+    return int(np.argmax(logits[-1]))
+
+
+def decode(m, cache, tok: int, n: int, steps: int) -> list[int]:
+    """`steps` greedy one-token forwards from token `tok` at position n; the tokens made."""
+    from edgelora_np.model.batch import Batch
+
+    out = []
+    for _ in range(steps):
+        logits = m.llama.forward(Batch.single([tok], start=n), cache)
+        tok, n = int(np.argmax(logits[-1])), n + 1
+        out.append(tok)
+    return out
 
 
 KERNEL_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -269,34 +284,27 @@ def model_ab(model: str, threads: int | None, rev: str, rounds: int = 5) -> None
     import statistics
 
     import edgelora_np as el
-    from edgelora_np.model.batch import Batch
 
     m = el.load_model(model, n_threads=threads, progress=False)
-    llama = m.llama
     kernels_of = kernel_switch(rev)
-    ids = [(1000 + i) % m.config.vocab_size for i in range(256)]
+    n_prompt, n_decode = 256, 64
 
     def once() -> tuple[float, float, list[int]]:
-        cache = llama.new_cache(len(ids) + 72)
+        cache = m.llama.new_cache(n_prompt + n_decode + 8)
         t0 = time.perf_counter()
-        for i in range(0, len(ids), 128):
-            logits = llama.forward(Batch.single(ids[i:i + 128], start=i), cache)
+        tok = prefill(m, cache, n_prompt)
         t1 = time.perf_counter()
-        tok, n, out = int(np.argmax(logits[-1])), len(ids), []
-        for _ in range(64):
-            logits = llama.forward(Batch.single([tok], start=n), cache)
-            tok, n = int(np.argmax(logits[-1])), n + 1
-            out.append(tok)
-        return len(ids) / (t1 - t0), 64 / (time.perf_counter() - t1), out
+        out = decode(m, cache, tok, n_prompt, n_decode)
+        return n_prompt / (t1 - t0), n_decode / (time.perf_counter() - t1), out
 
     runs: dict[str, list] = {rev: [], "today": []}
     tokens = {}
     for r in range(rounds + 1):                        # round 0 compiles and warms up
         for variant in (rev, "today"):
             with kernels_of(variant):
-                prefill, decode, tokens[variant] = once()
+                prefill_rate, decode_rate, tokens[variant] = once()
             if r:
-                runs[variant].append((prefill, decode))
+                runs[variant].append((prefill_rate, decode_rate))
     if tokens[rev] != tokens["today"]:
         raise SystemExit(f"{rev}'s kernels and today's generated different tokens")
     med = {v: [statistics.median(x[i] for x in runs[v]) for i in (0, 1)] for v in runs}
